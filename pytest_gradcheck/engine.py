@@ -1,0 +1,818 @@
+"""The PyTorch engine: batch gradient, per-sample reference, and the user's state left as found.
+
+The reference runs **each sample alone** (a batch of one) through the whole
+model and the loss, with ``torch.func.vmap`` over the single-sample call, and
+accumulates the per-sample losses with the declared weights before one
+``torch.autograd.grad``: about one extra forward+backward, never B of them.
+Where vmap cannot run the model (``.item()``, data-dependent control flow,
+in-place updates of buffers) it falls back to a chunked loop and says so.
+
+The comparison, float64 re-check and diagnosis are backend-neutral and live in
+:mod:`pytest_gradcheck.verdict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import warnings
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from . import _tracking
+from ._options import validate_options
+from .errors import BroadcastError, BroadcastWarning, GradEquivError, InvalidArgument, UnsupportedModelError
+from .report import GradEquivReport
+from .verdict import run_check
+
+__all__ = ["assert_gradequiv", "assert_gradequiv_step"]
+
+TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
+WeightsArg = Union[None, torch.Tensor, Sequence[float], np.ndarray, Callable[[Any], Any]]
+
+_LOOP_CHUNK = 32
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def assert_gradequiv(
+    model: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    inputs: TensorOrTuple,
+    targets: Optional[TensorOrTuple] = None,
+    *,
+    reduction: str = "mean",
+    weights: WeightsArg = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    broadcast: str = "warn",
+    reference: str = "auto",
+    float64_recheck: bool = True,
+) -> GradEquivReport:
+    """Assert that the batch gradient equals the accumulation of per-sample gradients.
+
+    The batch gradient of ``loss_fn(model(*inputs), targets)`` is compared,
+    parameter by parameter, with the gradient of the same loss computed on each
+    sample alone and accumulated by ``reduction``: ``"mean"`` (default),
+    ``"sum"``, or ``"auto"`` (whichever holds, reported in ``report.matched``).
+    ``weights`` declares a weighted accumulation instead: a tensor of B
+    per-sample weights, or a callable on one sample's targets (a batch of one),
+    e.g. ``lambda t: (t != -100).sum()`` for token-level losses with padding;
+    the reference is then the weighted mean (or, with ``reduction="sum"``, sum).
+
+    ``inputs`` is a tensor or a tuple of tensors (``model(*inputs)``), batch on
+    dim 0; ``targets`` a tensor, a tuple (``loss_fn(out, *targets)``) or None
+    (``loss_fn(out)``). A mismatch in float32/16 is re-run in float64 before it
+    is called a bug. Dropout modules are switched off for the check. The model's
+    parameters, ``.grad``, buffers, train/eval modes and the global RNG are left
+    as found.
+
+    ``broadcast``: ``"warn"`` (default) warns about an implicit broadcast in the
+    loss call when gradients agree, ``"error"`` fails the check on one, ``"off"``
+    does not watch. ``reference``: ``"auto"`` (vmap, falling back to a loop),
+    ``"vmap"`` or ``"loop"``.
+
+    Returns a :class:`~pytest_gradcheck.report.GradEquivReport`; raises
+    :class:`~pytest_gradcheck.errors.GradEquivError` on mismatch and
+    :class:`~pytest_gradcheck.errors.InvalidArgument` on input it cannot check.
+
+    >>> import torch, torch.nn.functional as F
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+    >>> assert_gradequiv(model, F.mse_loss, x, y).matched
+    'mean'
+    >>> def sum_loss(out, y):
+    ...     return ((out - y) ** 2).sum()
+    >>> assert_gradequiv(model, sum_loss, x, y, reduction="auto").matched
+    'sum'
+    """
+    __tracebackhide__ = True
+    opts = validate_options(
+        {
+            "reduction": reduction,
+            "rtol": rtol,
+            "atol": atol,
+            "broadcast": broadcast,
+            "reference": reference,
+            "float64_recheck": float64_recheck,
+        }
+    )
+    _check_model(model)
+    if not callable(loss_fn):
+        raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    inputs_t = _as_tensor_tuple(inputs, "inputs")
+    targets_is_tuple = isinstance(targets, (tuple, list))
+    targets_t = () if targets is None else _as_tensor_tuple(targets, "targets")
+    loss_modules = [loss_fn] if isinstance(loss_fn, torch.nn.Module) else []
+
+    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
+        fn = loss_fn
+        if float64 and isinstance(loss_fn, torch.nn.Module):
+            fn = copy.deepcopy(loss_fn).to(torch.float64)
+
+        def step(m: torch.nn.Module, batch: Any) -> Any:
+            xs, ys = batch
+            out = m(*xs)
+            with _loss_guard(record):
+                if not targets_t:
+                    return fn(out)
+                if targets_is_tuple:
+                    return fn(out, *ys)
+                return fn(out, ys[0])
+
+        return step
+
+    def sample_targets(i: int) -> Any:
+        ys = tuple(t[i : i + 1] for t in targets_t)
+        return ys if targets_is_tuple else (ys[0] if ys else None)
+
+    def candidates() -> list[tuple[str, np.ndarray]]:
+        return _ignore_index_candidates(loss_fn, targets_t)
+
+    problem = _TorchProblem(
+        model,
+        build,
+        (inputs_t, targets_t),
+        reference=opts["reference"],
+        watch_broadcast=opts["broadcast"] != "off",
+        extra_modules=loss_modules,
+        weight_candidates=candidates,
+    )
+    return _execute(problem, opts, weights, sample_targets)
+
+
+def assert_gradequiv_step(
+    step_fn: Callable[[torch.nn.Module, Any], Any],
+    model: torch.nn.Module,
+    batch: Any,
+    *,
+    reduction: str = "mean",
+    weights: WeightsArg = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    reference: str = "auto",
+    float64_recheck: bool = True,
+) -> GradEquivReport:
+    """The general form of :func:`assert_gradequiv` for any training step.
+
+    ``step_fn(model, batch)`` returns the loss (a scalar tensor, or a mapping
+    with a ``"loss"`` entry, as a Lightning ``training_step`` may return).
+    ``batch`` is any nesting of tuples, lists and dicts whose tensors carry the
+    batch on dim 0; non-tensor leaves are passed unchanged to every call. Each
+    sample is run alone as ``step_fn(model, batch_of_one)``. ``weights`` may be
+    a callable on one sample's batch (a batch of one).
+
+    >>> import torch, torch.nn.functional as F
+    >>> model = torch.nn.Linear(3, 1)
+    >>> def training_step(m, batch):
+    ...     return {"loss": F.mse_loss(m(batch["x"]), batch["y"]), "log": {"n": 1}}
+    >>> batch = {"x": torch.randn(6, 3), "y": torch.randn(6, 1)}
+    >>> assert_gradequiv_step(training_step, model, batch).passed
+    True
+    """
+    __tracebackhide__ = True
+    opts = validate_options(
+        {
+            "reduction": reduction,
+            "rtol": rtol,
+            "atol": atol,
+            "reference": reference,
+            "float64_recheck": float64_recheck,
+        }
+    )
+    _check_model(model)
+    if not callable(step_fn):
+        raise InvalidArgument(f"step_fn must be callable, got {type(step_fn).__name__}")
+
+    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
+        return step_fn
+
+    problem = _TorchProblem(
+        model, build, batch, reference=opts["reference"], watch_broadcast=False, allow_non_tensor=True
+    )
+
+    def sample_batch(i: int) -> Any:
+        return problem.sample(i)
+
+    opts["broadcast"] = "off"
+    return _execute(problem, opts, weights, sample_batch)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _execute(
+    problem: "_TorchProblem", opts: Mapping[str, Any], weights: WeightsArg, sample_of: Callable[[int], Any]
+) -> GradEquivReport:
+    __tracebackhide__ = True
+    w = _resolve_weights(weights, problem.batch_size, sample_of)
+    try:
+        with problem.prepared():
+            try:
+                report = run_check(
+                    problem,
+                    reduction=opts["reduction"],
+                    weights=w,
+                    rtol=opts["rtol"],
+                    atol=opts["atol"],
+                    float64_recheck=opts["float64_recheck"],
+                )
+            except GradEquivError as err:
+                _tracking.record(err.report)
+                raise
+    finally:
+        problem.release()
+    _tracking.record(report)
+    if report.broadcasts:
+        _emit_broadcast(report, opts["broadcast"])
+    return report
+
+
+def _emit_broadcast(report: GradEquivReport, mode: str) -> None:
+    __tracebackhide__ = True
+    records = list(report.broadcasts)
+    if mode == "error":
+        lines = [
+            "implicit broadcast in the loss (broadcast='error'): "
+            f"{len(records)} op{'s' if len(records) != 1 else ''} expanded both operands."
+        ]
+        lines += ["  " + r.message() for r in records]
+        lines.append(
+            "Give predictions and targets the same shape, or wrap an intended pairwise term in "
+            "pytest_gradcheck.allow_broadcast()."
+        )
+        lines.append("")
+        lines.append(str(report))
+        raise BroadcastError("\n".join(lines), records)
+    if mode == "warn":
+        for r in records:
+            warnings.warn_explicit(
+                r.message() + " (the gradients agree here, but the loss broadcasts predictions "
+                "against targets; this usually breaks at other batch sizes)",
+                BroadcastWarning,
+                r.filename,
+                r.lineno,
+            )
+
+
+@contextlib.contextmanager
+def _loss_guard(record: Optional[list]) -> Iterator[None]:
+    if record is None:
+        yield
+        return
+    from .broadcast import recording
+
+    with recording(True) as records:
+        yield
+    record.extend(records)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgument(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _as_tensor_tuple(value: Any, name: str) -> tuple[torch.Tensor, ...]:
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not items:
+        raise InvalidArgument(f"{name} is empty: pass a tensor or a tuple of tensors with the batch on dim 0")
+    for i, t in enumerate(items):
+        label = f"{name}[{i}]" if isinstance(value, (tuple, list)) else name
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgument(
+                f"{label} is a {type(t).__name__}, not a tensor: every entry of {name} must be a "
+                "tensor with the batch on dim 0 (use assert_gradequiv_step for other arguments)"
+            )
+    return items
+
+
+def _describe_leaf(path: str, t: torch.Tensor) -> str:
+    return f"{path} (shape {tuple(t.shape)})"
+
+
+def _batch_size(batch: Any, allow_non_tensor: bool) -> int:
+    leaves, _ = pytree.tree_flatten(batch)
+    paths = _leaf_paths(batch)
+    sizes: list[tuple[str, int]] = []
+    for path, leaf in zip(paths, leaves):
+        if isinstance(leaf, torch.Tensor):
+            if leaf.dim() == 0:
+                raise InvalidArgument(
+                    f"{path} is a 0-d tensor: every tensor needs the batch on dim 0"
+                )
+            sizes.append((_describe_leaf(path, leaf), int(leaf.shape[0])))
+        elif not allow_non_tensor:
+            raise InvalidArgument(f"{path} is a {type(leaf).__name__}, not a tensor")
+    if not sizes:
+        raise InvalidArgument("the batch holds no tensor: nothing to split into samples")
+    first_desc, b = sizes[0]
+    for desc, n in sizes[1:]:
+        if n != b:
+            raise InvalidArgument(
+                f"batch sizes disagree: {first_desc} has {b} samples but {desc} has {n}; "
+                "every tensor must carry the same batch on dim 0"
+            )
+    if b == 0:
+        raise InvalidArgument(f"empty batch: {first_desc} has no samples")
+    if b == 1:
+        raise InvalidArgument(
+            f"batch size 1 ({first_desc}): a batch of one hides every cross-sample bug "
+            "(a (1, 1) - (1,) broadcast is harmless and the mean equals the sum); use at least 2 samples"
+        )
+    return b
+
+
+def _leaf_paths(batch: Any) -> list[str]:
+    """Readable paths of the leaves of ``batch``, in ``tree_flatten`` order."""
+    # Batches built by assert_gradequiv are ((inputs...), (targets...)).
+    out: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, (tuple, list)) and not isinstance(node, torch.Tensor):
+            for i, child in enumerate(node):
+                walk(child, f"{path}[{i}]")
+        elif isinstance(node, dict):
+            for k in sorted(node) if _sortable(node) else node:
+                walk(node[k], f"{path}[{k!r}]")
+        else:
+            out.append(path or "batch")
+
+    walk(batch, "batch")
+    leaves, _ = pytree.tree_flatten(batch)
+    if len(out) != len(leaves):  # exotic containers: fall back to indices
+        return [f"batch leaf {i}" for i in range(len(leaves))]
+    return out
+
+
+def _sortable(d: dict) -> bool:
+    try:
+        sorted(d)
+        return True
+    except TypeError:
+        return False
+
+
+def _resolve_weights(weights: WeightsArg, b: int, sample_of: Callable[[int], Any]) -> Optional[np.ndarray]:
+    if weights is None:
+        return None
+    if callable(weights) and not isinstance(weights, (torch.Tensor, np.ndarray)):
+        values = []
+        for i in range(b):
+            v = weights(sample_of(i))
+            values.append(float(v.detach().cpu()) if isinstance(v, torch.Tensor) else float(v))
+        w = np.asarray(values, dtype=np.float64)
+    else:
+        if isinstance(weights, torch.Tensor):
+            w = weights.detach().to("cpu", torch.float64).numpy()
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+        w = w.reshape(-1) if w.ndim > 1 and w.size == b else w
+    if w.shape != (b,):
+        raise InvalidArgument(f"weights has shape {tuple(w.shape)}: expected one weight per sample, ({b},)")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise InvalidArgument(f"weights must be finite and >= 0, got {w.tolist()[:8]}")
+    if w.sum() <= 0:
+        raise InvalidArgument("weights sum to 0: at least one sample must count")
+    return w
+
+
+def _ignore_index_candidates(loss_fn: Any, targets: Sequence[torch.Tensor]) -> list[tuple[str, np.ndarray]]:
+    """Per-sample weightings worth naming when a loss is not a plain mean/sum."""
+    out: list[tuple[str, np.ndarray]] = []
+    ignore = getattr(loss_fn, "ignore_index", -100)
+    for t in targets:
+        if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() and t.dim() >= 2:
+            valid = (t != ignore).reshape(t.shape[0], -1).sum(dim=1)
+            out.append(
+                (f"their number of non-ignored targets (targets != {ignore})", valid.cpu().double().numpy())
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- the torch problem
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class _StepModule(torch.nn.Module):
+    """Wraps the user's model so that ``functional_call`` can run any step function."""
+
+    def __init__(self, model: torch.nn.Module, step: Callable[[torch.nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_step", step)
+
+    def forward(self, batch: Any) -> Any:  # noqa: D401
+        return self._step(self.model, batch)
+
+
+class _TorchProblem:
+    """One check on a torch model, as :func:`pytest_gradcheck.verdict.run_check` drives it."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        build_step: Callable[[Optional[list], bool], Callable[[torch.nn.Module, Any], Any]],
+        batch: Any,
+        *,
+        reference: str = "auto",
+        watch_broadcast: bool = True,
+        allow_non_tensor: bool = False,
+        extra_modules: Sequence[torch.nn.Module] = (),
+        weight_candidates: Optional[Callable[[], list[tuple[str, np.ndarray]]]] = None,
+    ) -> None:
+        self.model = model
+        self.build_step = build_step
+        self.batch = batch
+        self.batch_size = _batch_size(batch, allow_non_tensor)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise InvalidArgument(
+                "the model has no parameter that requires grad: there is no gradient to check"
+            )
+        params = dict(model.named_parameters())
+        self.params = [params[n] for n in self.names]
+        first = self.params[0]
+        self.dtype = _dtype_name(first.dtype)
+        self.device = str(first.device)
+        self.method = reference
+        self.reference_method = "loop" if reference == "loop" else "vmap"
+        self.fallback_reason: Optional[str] = None
+        self.dropout_disabled: tuple[str, ...] = ()
+        self.broadcasts: tuple[Any, ...] = ()
+        self.watch_broadcast = watch_broadcast
+        self.extra_modules = list(extra_modules)
+        self._weight_candidates = weight_candidates
+        self._leaves, self._spec = pytree.tree_flatten(batch)
+        self._state_saver: Optional[_SavedState] = None
+        self._batch_loss: dict[bool, float] = {}
+        self._sample_losses: dict[bool, np.ndarray] = {}
+        _check_sample_mixing(model)
+
+    # -- set-up and tear-down -------------------------------------------------------------
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator[None]:
+        self._state_saver = _SavedState(self.model, self.extra_modules)
+        try:
+            self.dropout_disabled = _disable_dropout(self.model)
+            yield
+        finally:
+            self._state_saver.restore()
+
+    def release(self) -> None:
+        self._state_saver = None
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _batch(self, float64: bool) -> Any:
+        """A fresh copy of the batch (the model may modify its inputs in place)."""
+
+        def conv(x: Any) -> Any:
+            if not isinstance(x, torch.Tensor):
+                return x
+            y = x.detach()
+            if float64 and y.is_floating_point():
+                return y.to(torch.float64)
+            return y.clone()
+
+        return pytree.tree_unflatten([conv(x) for x in self._leaves], self._spec)
+
+    def sample(self, i: int) -> Any:
+        """Sample ``i`` as a batch of one."""
+        leaves = [x[i : i + 1] if isinstance(x, torch.Tensor) else x for x in self._leaves]
+        return pytree.tree_unflatten(leaves, self._spec)
+
+    # -- state: None (the module's own tensors) or a float64 copy -------------------------------
+    def _state(self, float64: bool) -> tuple[Optional[dict[str, torch.Tensor]], list[torch.Tensor]]:
+        if not float64:
+            return None, self.params
+        state: dict[str, torch.Tensor] = {}
+        trainable = set(self.names)
+        grads: list[torch.Tensor] = []
+        by_name: dict[str, torch.Tensor] = {}
+        for name, p in self.model.named_parameters():
+            t = p.detach().to(torch.float64) if p.is_floating_point() else p.detach()
+            if name in trainable:
+                t = t.clone().requires_grad_(True)
+                by_name[name] = t
+            state["model." + name] = t
+        for name, buf in self.model.named_buffers():
+            state["model." + name] = buf.detach().to(torch.float64) if buf.is_floating_point() else buf
+        grads = [by_name[n] for n in self.names]
+        return state, grads
+
+    @contextlib.contextmanager
+    def _precision(self, float64: bool, internal: bool = True) -> Iterator[None]:
+        """Run in ``float64`` (default dtype too) or the working dtype.
+
+        ``internal`` runs (the per-sample reference, the float64 re-check) do not
+        repeat torch's own "Using a target size ..." warning: the user saw it once
+        from the batch run, and the broadcast guard names the op and line better.
+        """
+        old = torch.get_default_dtype()
+        with warnings.catch_warnings():
+            # vmap's "performance drop ... batching rule" notice is about our reference, not the user's code
+            warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+            if internal:
+                warnings.filterwarnings("ignore", message="Using a target size", category=UserWarning)
+            if float64:
+                torch.set_default_dtype(torch.float64)
+            try:
+                yield
+            finally:
+                torch.set_default_dtype(old)
+
+    def _call(self, state: Optional[dict], batch: Any, step: Callable) -> Any:
+        if state is None:
+            return step(self.model, batch)
+        return torch.func.functional_call(_StepModule(self.model, step), state, (batch,))
+
+    # -- GradientProblem ------------------------------------------------------------------------
+    def batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
+        record: Optional[list] = [] if (self.watch_broadcast and not float64) else None
+        step = self.build_step(record, float64)
+        with self._precision(float64, internal=float64 or self.watch_broadcast):
+            state, params = self._state(float64)
+            loss = _as_scalar_loss(self._call(state, self._batch(float64), step), where="batch")
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self._batch_loss[float64] = float(loss.detach())
+        if record is not None:
+            self.broadcasts = tuple(record)
+        return self._to_numpy(grads, params)
+
+    def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
+        step = self.build_step(None, float64)
+        with self._precision(float64):
+            state, params = self._state(float64)
+            batch = self._batch(float64)
+            ref_dtype = torch.float64 if float64 else self.params[0].dtype
+            c = torch.as_tensor(coeffs, dtype=ref_dtype, device=self.params[0].device)
+            if self.reference_method == "vmap":
+                try:
+                    grads = self._reference_vmap(state, params, batch, step, c)
+                except (InvalidArgument, GradEquivError):
+                    raise
+                except Exception as exc:
+                    if _is_randomness_error(exc):
+                        raise UnsupportedModelError(
+                            "the model (or the loss) draws random numbers on every forward pass, "
+                            "outside nn.Dropout modules (e.g. F.dropout(x, training=True), "
+                            "torch.randn_like): the batch run and the per-sample runs draw "
+                            "different numbers, so their gradients cannot be compared. Make the "
+                            "step deterministic for the check: put the module in eval mode, use "
+                            "nn.Dropout (the check switches it off), or pass the noise in as an input."
+                        ) from exc
+                    if self.method == "vmap":
+                        raise InvalidArgument(
+                            f"torch.func.vmap could not run the model on single samples: {_first_line(exc)}; "
+                            "use reference='auto' or 'loop' to fall back to a per-sample loop"
+                        ) from exc
+                    self._check_single_sample_runs(state, step)
+                    self.reference_method = "loop"
+                    self.fallback_reason = _first_line(exc)
+                    grads = self._reference_loop(state, params, batch, step, c)
+            else:
+                self._check_single_sample_runs(state, step)
+                grads = self._reference_loop(state, params, batch, step, c)
+        return self._to_numpy(grads, params)
+
+    def per_sample_gradients(self, float64: bool) -> Optional[dict[str, np.ndarray]]:
+        step = self.build_step(None, float64)
+        out: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        with self._precision(float64):
+            state, params = self._state(float64)
+            batch = self._batch(float64)
+            leaves, spec = pytree.tree_flatten(batch)
+            for i in range(self.batch_size):
+                one = pytree.tree_unflatten(
+                    [x[i : i + 1] if isinstance(x, torch.Tensor) else x for x in leaves], spec
+                )
+                loss = _as_scalar_loss(self._call(state, one, step), where="per-sample")
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for n, g in self._to_numpy(grads, params).items():
+                    out[n].append(g)
+        return {n: np.stack(v) for n, v in out.items()}
+
+    def weight_candidates(self) -> list[tuple[str, np.ndarray]]:
+        return self._weight_candidates() if self._weight_candidates else []
+
+    def loss_values(self, float64: bool) -> Optional[tuple[float, np.ndarray]]:
+        if float64 in self._batch_loss and float64 in self._sample_losses:
+            return self._batch_loss[float64], self._sample_losses[float64]
+        return None
+
+    def _keep_losses(self, losses: torch.Tensor) -> None:
+        self._sample_losses[losses.dtype == torch.float64] = losses.detach().to("cpu", torch.float64).numpy()
+
+    # -- reference computations ------------------------------------------------------------------
+    def _in_dims(self, batch: Any) -> Any:
+        leaves, spec = pytree.tree_flatten(batch)
+        return pytree.tree_unflatten([0 if isinstance(x, torch.Tensor) else None for x in leaves], spec)
+
+    def _reference_vmap(
+        self, state: Optional[dict], params: list[torch.Tensor], batch: Any, step: Callable, c: torch.Tensor
+    ) -> Sequence[Optional[torch.Tensor]]:
+        def one(sample: Any) -> torch.Tensor:
+            one_batch = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, sample)
+            return _as_scalar_loss(self._call(state, one_batch, step), where="per-sample")
+
+        losses = torch.func.vmap(one, in_dims=(self._in_dims(batch),), randomness="error")(batch)
+        self._keep_losses(losses)
+        total = (losses * c.to(losses.dtype)).sum()
+        return torch.autograd.grad(total, params, allow_unused=True)
+
+    def _reference_loop(
+        self, state: Optional[dict], params: list[torch.Tensor], batch: Any, step: Callable, c: torch.Tensor
+    ) -> Sequence[Optional[torch.Tensor]]:
+        leaves, spec = pytree.tree_flatten(batch)
+        acc: list[Optional[torch.Tensor]] = [None] * len(params)
+        values: list[torch.Tensor] = []
+        for start in range(0, self.batch_size, _LOOP_CHUNK):
+            total: Optional[torch.Tensor] = None
+            for i in range(start, min(self.batch_size, start + _LOOP_CHUNK)):
+                one = pytree.tree_unflatten(
+                    [x[i : i + 1] if isinstance(x, torch.Tensor) else x for x in leaves], spec
+                )
+                loss_i = _as_scalar_loss(self._call(state, one, step), where="per-sample")
+                values.append(loss_i.detach())
+                term = loss_i * c[i]
+                total = term if total is None else total + term
+            if total is None:
+                continue
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+            for k, g in enumerate(grads):
+                if g is not None:
+                    acc[k] = g if acc[k] is None else acc[k] + g
+        if values:
+            self._keep_losses(torch.stack(values))
+        return acc
+
+    def _check_single_sample_runs(self, state: Optional[dict], step: Callable) -> None:
+        batch = self._batch(state is not None)
+        leaves, spec = pytree.tree_flatten(batch)
+        one = pytree.tree_unflatten([x[0:1] if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+        try:
+            _as_scalar_loss(self._call(state, one, step), where="per-sample")
+        except (InvalidArgument, GradEquivError):
+            raise
+        except Exception as exc:
+            raise InvalidArgument(
+                "the model cannot run on a single sample (a batch of one), which the per-sample "
+                f"reference needs: {type(exc).__name__}: {_first_line(exc)}. A model that squeezes "
+                "the batch dimension away, or needs several samples (BatchNorm in train mode), "
+                "cannot be checked per sample."
+            ) from exc
+
+    def _to_numpy(self, grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, g, p in zip(self.names, grads, params):
+            if g is None:
+                out[name] = np.zeros(tuple(p.shape), dtype=np.float64)
+            else:
+                out[name] = g.detach().to("cpu", torch.float64).numpy()
+        return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def _is_randomness_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return "randomness" in text and "vmap" in text
+
+
+def _as_scalar_loss(out: Any, where: str) -> torch.Tensor:
+    loss = out
+    if isinstance(out, Mapping):
+        if "loss" not in out:
+            raise InvalidArgument(
+                f"the step returned a mapping without a 'loss' entry (keys: {sorted(map(str, out))})"
+            )
+        loss = out["loss"]
+    if not isinstance(loss, torch.Tensor):
+        raise InvalidArgument(
+            f"the loss ({where}) is a {type(loss).__name__}, not a tensor: return the loss tensor "
+            "(not loss.item())"
+        )
+    if loss.numel() != 1:
+        raise InvalidArgument(
+            f"the loss ({where}) has shape {tuple(loss.shape)}, not a scalar: reduce it to one "
+            "number (e.g. .mean() or .sum()); with reduction='none' losses, reduce them yourself"
+        )
+    if not loss.is_floating_point():
+        raise InvalidArgument(f"the loss ({where}) has dtype {loss.dtype}: a floating-point scalar is needed")
+    if where == "batch" and not loss.requires_grad:
+        raise InvalidArgument(
+            "the loss does not depend on any parameter that requires grad (it has no grad_fn): "
+            "is it computed under torch.no_grad(), or from detached outputs?"
+        )
+    return loss.reshape(())
+
+
+# --------------------------------------------------------------------------- model inspection
+
+
+def _check_sample_mixing(model: torch.nn.Module) -> None:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            uses_batch_stats = module.training or module.running_mean is None
+            if uses_batch_stats:
+                path = "model" + (f".{name}" if name else "")
+                why = "is in train mode" if module.training else "has no running statistics"
+                raise UnsupportedModelError(
+                    f"{path} ({type(module).__name__}) {why}: BatchNorm normalises each sample with "
+                    "the mean and variance of the whole batch, so one sample's gradient depends on "
+                    "the other samples and per-sample gradients do not exist. Check the model in "
+                    "eval mode (model.eval(); the check switches dropout off by itself), or use "
+                    "GroupNorm/LayerNorm, which normalise each sample alone."
+                )
+
+
+def _disable_dropout(model: torch.nn.Module) -> tuple[str, ...]:
+    """Switch off every dropout the model applies in train mode; return their paths.
+
+    Covers ``nn.Dropout*`` modules and the modules that apply dropout functionally
+    from a float attribute: ``nn.MultiheadAttention`` (attention dropout) and
+    ``nn.RNN``/``LSTM``/``GRU`` (dropout between layers). Modes are restored
+    after the check.
+    """
+    from torch.nn.modules.dropout import _DropoutNd
+
+    names = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, _DropoutNd):
+            rate = module.p
+        elif isinstance(module, (torch.nn.MultiheadAttention, torch.nn.RNNBase)):
+            rate = float(getattr(module, "dropout", 0.0) or 0.0)
+        else:
+            continue
+        if rate > 0:
+            module.training = False
+            names.append(f"model.{name}" if name else "model")
+    return tuple(names)
+
+
+class _SavedState:
+    """Snapshot of everything a check could disturb, restored on exit, pass or fail."""
+
+    def __init__(self, model: torch.nn.Module, extra: Sequence[torch.nn.Module]) -> None:
+        modules = [model, *extra]
+        self.training = [(m, m.training) for root in modules for m in root.modules()]
+        self.tensors: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self.grads: list[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
+        seen: set[int] = set()
+        for root in modules:
+            for t in [*root.parameters(), *root.buffers()]:
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+                self.tensors.append((t, t._version, t.detach().clone()))
+                if isinstance(t, torch.nn.Parameter):
+                    g = t.grad
+                    self.grads.append((t, g, None if g is None else g.detach().clone()))
+        self.default_dtype = torch.get_default_dtype()
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        )
+        self.py_rng = random.getstate()
+        self.np_rng = np.random.get_state()
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, version, saved in self.tensors:
+                if t._version != version:
+                    t.copy_(saved)
+            for p, g, saved_g in self.grads:
+                if p.grad is not g:
+                    p.grad = g
+                if g is not None and saved_g is not None and not torch.equal(g, saved_g):
+                    g.copy_(saved_g)
+        for m, mode in self.training:
+            m.training = mode
+        torch.set_default_dtype(self.default_dtype)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        random.setstate(self.py_rng)
+        np.random.set_state(self.np_rng)

@@ -1,0 +1,450 @@
+"""The report of a gradient-equivalence check: figures in dataclasses, words in one renderer.
+
+The verdict path (:mod:`pytest_gradcheck.verdict`) fills a :class:`GradEquivReport`;
+``str(report)`` renders it the way ``torch.testing.assert_close`` messages read:
+a one-line verdict, a small table per parameter, the cause, then what to do.
+Importing this module imports neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+__all__ = ["ParamComparison", "Comparison", "Finding", "GradEquivReport", "render"]
+
+
+@dataclass(frozen=True)
+class ParamComparison:
+    """Figures comparing one parameter's batch gradient with its reference.
+
+    ``rel_err`` is ``max_abs_err`` divided by the parameter's gradient scale
+    (the largest magnitude of either gradient); ``allowed`` is
+    ``atol + rtol * scale``, the largest ``max_abs_err`` that passes.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    rel_err: float
+    allowed: float
+    cosine: float
+    ratio: float
+    mismatched: int
+    numel: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_err <= self.allowed
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The batch gradient against one reference, at one precision."""
+
+    reduction: str  # "mean", "sum", "weighted mean", "weighted sum"
+    precision: str  # dtype the gradients were computed in, e.g. "float32"
+    rtol: float
+    atol: float
+    params: tuple[ParamComparison, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.params)
+
+    @property
+    def failing(self) -> tuple[ParamComparison, ...]:
+        return tuple(p for p in self.params if not p.passed)
+
+    @property
+    def max_rel_err(self) -> float:
+        return max((p.rel_err for p in self.params), default=0.0)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosed cause of a mismatch (figures only; words are the renderer's).
+
+    kinds:
+      ``factor``        the batch gradient is ``factor`` times the reference
+                        (``matched`` names the reduction that would have held);
+      ``known-weights`` it matches when samples are weighted by ``label``;
+      ``weights``       it is a positive weighted combination of per-sample
+                        gradients with the ``weights`` found (mean 1);
+      ``coupled``       it is a combination of per-sample gradients only with
+                        weights of both signs (``weights``): samples are coupled;
+      ``not-combination`` it is no combination of per-sample gradients at all;
+      ``broadcast``     an implicit broadcast was recorded in the loss (``records``);
+      ``sample-mixing`` a module that mixes samples was found (``label``).
+    """
+
+    kind: str
+    factor: Optional[float] = None
+    matched: Optional[str] = None
+    weights: Optional[tuple[float, ...]] = None
+    label: Optional[str] = None
+    records: tuple[Any, ...] = ()
+
+
+@dataclass
+class GradEquivReport:
+    """Everything a gradient-equivalence check measured. ``str(report)`` renders it.
+
+    >>> import torch, torch.nn.functional as F
+    >>> from pytest_gradcheck import assert_gradequiv
+    >>> report = assert_gradequiv(torch.nn.Linear(3, 1), F.mse_loss,
+    ...                           torch.randn(8, 3), torch.randn(8, 1))
+    >>> report.passed, report.matched
+    (True, 'mean')
+    """
+
+    passed: bool
+    check: str  # "per-sample" | "accumulation" | "ddp"
+    backend: str  # "torch" | "numpy"
+    batch_size: int
+    dtype: str
+    device: str
+    reduction: str  # as declared: "mean" | "sum" | "auto"
+    weighted: bool
+    matched: Optional[str]  # the accumulation that holds ("mean", "sum", "weighted mean"...)
+    working: Comparison  # in the working dtype
+    float64: Optional[Comparison] = None  # the float64 re-check, when it ran
+    rounding: bool = False  # mismatch in working dtype vanished in float64
+    float64_error: Optional[str] = None  # the re-check could not run: why
+    reference_method: str = "vmap"  # "vmap" | "loop" | "per-sample calls" | "micro-batches"
+    fallback_reason: Optional[str] = None
+    dropout_disabled: tuple[str, ...] = ()
+    broadcasts: tuple[Any, ...] = ()  # BroadcastRecord objects seen in the loss
+    findings: tuple[Finding, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    weights: Optional[tuple[float, ...]] = None  # declared per-sample/micro-batch weights
+    would_match: Optional[str] = None  # on failure: the accumulation that would have matched
+
+    @property
+    def parameters(self) -> tuple[ParamComparison, ...]:
+        """The per-parameter figures of the comparison the verdict rests on."""
+        return self.final.params
+
+    @property
+    def final(self) -> Comparison:
+        """The comparison the verdict rests on (float64 when the re-check ran)."""
+        return self.float64 if self.float64 is not None else self.working
+
+    def summary(self) -> str:
+        """The one-line verdict."""
+        return _headline(self)
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    return f"{x:.2e}"
+
+
+def _fmt_ratio(x: float) -> str:
+    if math.isnan(x):
+        return "—"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.4g}"
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _fmt_factor(f: float) -> str:
+    if abs(f - round(f)) < 1e-6 * max(1.0, abs(f)):
+        return str(int(round(f)))
+    return f"{f:.4g}"
+
+
+def _what(report: GradEquivReport) -> str:
+    unit = {
+        "per-sample": "per-sample gradients",
+        "accumulation": "micro-batch gradients",
+        "ddp": "the single-process gradient",
+    }.get(report.check, "per-sample gradients")
+    return unit
+
+
+def _declared(report: GradEquivReport) -> str:
+    if report.reduction == "auto":
+        return "the mean or the sum"
+    word = report.reduction
+    if report.weighted:
+        word = f"the weighted {word}"
+    else:
+        word = f"the {word}"
+    return word
+
+
+def _headline(report: GradEquivReport) -> str:
+    what = _what(report)
+    if report.check == "ddp":
+        if report.passed:
+            return "Gradients are equivalent: the DDP gradient equals the single-process full-batch gradient."
+        return "Gradients are NOT equivalent: the DDP gradient differs from the single-process full-batch gradient."
+    if report.passed:
+        line = f"Gradients are equivalent: the batch gradient equals the {report.matched} of {what}"
+        if report.rounding:
+            line += f" (the {report.dtype} differences are rounding: they vanish in float64)"
+        return line + "."
+    final = report.final
+    n_fail, n = len(final.failing), len(final.params)
+    survives = ""
+    if report.float64 is not None:
+        survives = "; the mismatch survives a float64 re-check, so it is a bug, not rounding"
+    return (
+        f"Gradients are NOT equivalent: the batch gradient is not {_declared(report)} of "
+        f"{what} ({n_fail} of {n} parameter{'s' if n != 1 else ''} differ{survives})."
+    )
+
+
+def _context_line(report: GradEquivReport) -> str:
+    method = {
+        "vmap": "each sample run alone, via torch.func.vmap",
+        "loop": "each sample run alone, in a loop",
+        "per-sample calls": "each sample run alone",
+        "micro-batches": "micro-batches run one by one",
+        "ddp": "one process on the whole batch",
+    }.get(report.reference_method, report.reference_method)
+    unit = "micro-batches" if report.check == "accumulation" else "batch"
+    size = f"{unit} of {report.batch_size}" if unit == "batch" else f"{report.batch_size} {unit}"
+    bits = [size, report.dtype, report.device, f"reference: {method}"]
+    line = " · ".join(b for b in bits if b)
+    if not report.passed:
+        line += f"\nReduction checked: {report.reduction}" + (" (weighted)" if report.weighted else "")
+        line += f" · would have matched: {report.would_match or 'neither mean nor sum'}"
+    return line
+
+
+def _table(cmp: Comparison, only_failing_first: bool = True, limit: int = 12) -> list[str]:
+    params = list(cmp.params)
+    if only_failing_first:
+        params.sort(key=lambda p: (p.passed, -p.rel_err))
+    shown = params[:limit]
+    header = ("parameter", "shape", "max abs err", "rel err", "allowed", "cosine", "ratio", "")
+    rows = [header]
+    for p in shown:
+        rows.append(
+            (
+                p.name,
+                _fmt_shape(p.shape),
+                _fmt(p.max_abs_err),
+                _fmt(p.rel_err),
+                _fmt(p.allowed),
+                "—" if math.isnan(p.cosine) else f"{p.cosine:.4f}",
+                _fmt_ratio(p.ratio),
+                "ok" if p.passed else "MISMATCH",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if len(params) > limit:
+        hidden = params[limit:]
+        n_bad = sum(not p.passed for p in hidden)
+        lines.append(f"  ... {len(hidden)} more parameter(s), {n_bad} of them mismatched")
+    return lines
+
+
+def _explain_factor(f: Finding, report: GradEquivReport) -> list[str]:
+    b = report.batch_size
+    factor = f.factor if f.factor is not None else float("nan")
+    what = _what(report)
+    if f.matched == "sum" and report.reduction in ("mean", "auto"):
+        return [
+            f"the batch gradient is the SUM of {what}, not their mean: "
+            f"{_fmt_factor(factor)} times too large (B={b} times the mean)."
+        ]
+    if f.matched == "mean" and report.reduction == "sum":
+        return [
+            f"the batch gradient is the MEAN of {what}, not their sum: "
+            f"B={b} times too small (factor 1/{b})."
+        ]
+    if abs(factor + 1) < 1e-3:
+        return [f"the batch gradient has the opposite sign of {_declared(report)} of {what} (factor -1)."]
+    rel_b = factor / b if b else float("nan")
+    extra = ""
+    if b and abs(factor * b - 1) < 1e-3:
+        extra = f" (1/B: the loss is divided by the batch size once more than {_declared(report)} needs)"
+    elif b and abs(rel_b - b) < 1e-3 * b:
+        extra = f" (B² = {b}²: summed where a mean was meant, and once more)"
+    return [
+        f"the batch gradient is {_fmt_factor(factor)} times {_declared(report)} of {what}{extra}; "
+        f"the directions agree, only the scale is off."
+    ]
+
+
+def _fmt_weights(weights: Sequence[float], limit: int = 8) -> str:
+    shown = ", ".join(f"{w:.3g}" for w in weights[:limit])
+    if len(weights) > limit:
+        shown += f", ... ({len(weights)} in all)"
+    return "[" + shown + "]"
+
+
+def _cause_lines(report: GradEquivReport) -> list[str]:
+    lines: list[str] = []
+    for f in report.findings:
+        if f.kind == "broadcast":
+            for rec in f.records[:3]:
+                loc = rec.location() if hasattr(rec, "location") else "?"
+                lines.append(f"implicit broadcast in the loss at {loc}:")
+                lines.append(f"    {rec.describe() if hasattr(rec, 'describe') else rec}")
+                if getattr(rec, "code", None):
+                    lines.append(f"    > {rec.code}")
+                if getattr(rec, "suggestion", None):
+                    lines.append(f"    {rec.suggestion}")
+            lines.append(
+                "    Predictions and targets of different shapes were broadcast against each other, so "
+                "every prediction is compared with every target: each sample's loss involves the "
+                "whole batch. It is harmless at batch size 1, which is why it hides."
+            )
+        elif f.kind == "sample-mixing":
+            lines.append(f"{f.label}")
+        elif f.kind == "factor":
+            lines.extend(_explain_factor(f, report))
+        elif f.kind == "known-weights":
+            lines.append(
+                f"the batch gradient matches when samples are weighted by {f.label}"
+                + (f": {_fmt_weights(f.weights)}" if f.weights else "")
+                + "."
+            )
+        elif f.kind == "weights":
+            lines.append(
+                "the batch gradient is a weighted combination of per-sample gradients, with "
+                f"unequal weights (relative to a plain mean = 1): {_fmt_weights(f.weights or ())}."
+            )
+        elif f.kind == "coupled":
+            lines.append(
+                "the loss couples samples: no fixed weighting of per-sample losses gives the batch "
+                "loss (the per-sample gradients recombine into the batch gradient only with weights "
+                f"{_fmt_weights(f.weights or ())}, relative to a plain mean = 1, that do not reproduce "
+                "the batch loss), e.g. each prediction is compared with other samples' targets."
+            )
+        elif f.kind == "not-combination":
+            lines.append(
+                "the batch gradient is not any weighted combination of per-sample gradients: "
+                "something in the model or the loss lets samples interact (a layer that mixes the "
+                "batch, a reshape/view across the batch dimension, a broadcast that pairs samples)."
+            )
+        elif f.kind == "unidentifiable":
+            lines.append(f"{f.label}")
+    return lines
+
+
+def _advice_lines(report: GradEquivReport) -> list[str]:
+    kinds = {f.kind for f in report.findings}
+    out: list[str] = []
+    if "broadcast" in kinds:
+        out.append(
+            "give predictions and targets the same shape before the loss (see the suggestion above), "
+            "or, if pairing every sample with every other is intended (contrastive, ranking), wrap "
+            "that term in pytest_gradcheck.allow_broadcast()."
+        )
+    for f in report.findings:
+        if f.kind == "factor" and f.matched == "sum" and report.reduction != "sum":
+            if report.backend == "numpy":
+                out.append(
+                    "divide the accumulated gradient by the batch size (np.mean over the batch "
+                    "axis instead of np.sum), or declare reduction=\"sum\" if summing is intended."
+                )
+            else:
+                out.append(
+                    "use a mean-reduced loss (divide by the batch size), or declare "
+                    "reduction=\"sum\" if a summed loss is intended."
+                )
+        elif f.kind == "factor" and f.matched == "mean" and report.reduction == "sum":
+            out.append("declare reduction=\"mean\" if the mean is intended, or sum the loss over the batch.")
+        elif f.kind == "factor":
+            out.append("find where the loss (or the gradient) is scaled: the check expects "
+                       f"{_declared(report)} of {_what(report)}.")
+        elif f.kind in ("known-weights", "weights"):
+            out.append(
+                "if that weighting is intended (token-level losses with padding, sample weights), "
+                "declare it with weights=...; otherwise make every sample count equally."
+            )
+        elif f.kind == "not-combination" and report.check == "per-sample":
+            out.append(
+                "run pytest_gradcheck.assert_batch_independent(model, inputs) to find which "
+                "samples' outputs depend on each other."
+            )
+    if report.float64_error:
+        out.append(
+            "the float64 re-check could not run, so rounding cannot be ruled out; if these "
+            "differences are rounding, pass a larger rtol."
+        )
+    return out
+
+
+def render(report: GradEquivReport) -> str:
+    """Render ``report`` as text (the ``GradEquivError`` message, ``str(report)``)."""
+    lines = [_headline(report), "", _context_line(report)]
+    w = report.working
+    lines.append(
+        f"Compared with {_declared(report) if not report.passed else 'the ' + str(report.matched)} "
+        f"in {w.precision} (rtol={w.rtol:g}, atol={w.atol:g}; a parameter matches when "
+        "max|batch - reference| <= atol + rtol * max|gradient|):"
+    )
+    lines.append("")
+    lines.extend(_table(w))
+    if report.float64 is not None:
+        f64 = report.float64
+        lines.append("")
+        if f64.passed:
+            lines.append(
+                f"float64 re-check: the differences vanish (max rel err {_fmt(f64.max_rel_err)}, "
+                f"rtol={f64.rtol:g}): they were {report.dtype} rounding, not a bug."
+            )
+        else:
+            lines.append(
+                f"float64 re-check: the mismatch survives in float64 (rtol={f64.rtol:g}), so it is "
+                "a bug, not rounding:"
+            )
+            lines.append("")
+            lines.extend(_table(f64))
+    elif report.float64_error:
+        lines.append("")
+        lines.append(f"float64 re-check could not run: {report.float64_error}")
+    causes = _cause_lines(report)
+    if causes:
+        lines.append("")
+        lines.append("Cause: " + causes[0])
+        lines.extend("  " + c if not c.startswith("    ") else c for c in causes[1:])
+    advice = _advice_lines(report)
+    if advice and not report.passed:
+        lines.append("")
+        lines.append("What to do: " + advice[0])
+        lines.extend("  " + a for a in advice[1:])
+    notes = list(report.notes)
+    if report.dropout_disabled:
+        notes.append(
+            "dropout was switched off during the check (random masks differ between the batch "
+            f"and per-sample runs): {', '.join(report.dropout_disabled)}."
+        )
+    if report.fallback_reason:
+        notes.append(
+            "the reference was computed with a per-sample loop because torch.func.vmap could not "
+            f"run the model: {report.fallback_reason}"
+        )
+    if report.broadcasts and report.passed:
+        notes.append(
+            "implicit broadcast in the loss (gradients agree anyway): "
+            + "; ".join(r.message() if hasattr(r, "message") else str(r) for r in report.broadcasts[:3])
+        )
+    if notes:
+        lines.append("")
+        lines.append("Notes:")
+        lines.extend(f"  - {n}" for n in notes)
+    return "\n".join(lines)

@@ -1,0 +1,383 @@
+"""The one comparison and verdict path, shared by every backend (torch, NumPy, DDP).
+
+A backend describes its check as a :class:`GradientProblem`: it can compute the
+batch gradient and the weighted accumulation ``sum_i c_i * grad(loss_i)`` of
+per-sample gradients (each sample run alone), in the working dtype and in
+float64, as NumPy arrays. :func:`run_check` then compares, re-checks in float64
+before calling a mismatch a bug, diagnoses the cause, and returns a
+:class:`~pytest_gradcheck.report.GradEquivReport` or raises
+:class:`~pytest_gradcheck.errors.GradEquivError`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence
+
+from .errors import GradEquivError, InvalidArgument
+from .report import Comparison, Finding, GradEquivReport, ParamComparison
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+__all__ = [
+    "DEFAULT_RTOL",
+    "GradientProblem",
+    "default_tolerances",
+    "compare_gradients",
+    "run_check",
+]
+
+#: Default relative tolerance per working dtype. The comparison is normwise per
+#: parameter (``max|b - r| <= atol + rtol * max(|b|, |r|)``), so cancellation in
+#: single entries does not inflate it; a real bug (a factor B, a broadcast) is
+#: off by O(1). Anything above these in float32/16 is re-checked in float64.
+DEFAULT_RTOL: dict[str, float] = {
+    "float64": 1e-7,
+    "float32": 1e-4,
+    "float16": 1e-2,
+    "bfloat16": 4e-2,
+}
+
+#: Per-sample gradient matrices larger than this many entries are not built
+#: for the diagnosis (the weights a failing batch gradient uses are then not
+#: inferred; the verdict is unaffected).
+MAX_PER_SAMPLE_ENTRIES = 20_000_000
+
+
+class GradientProblem(Protocol):
+    """What a backend provides to :func:`run_check`.
+
+    Gradients are returned as ``{parameter name: float64 ndarray}``.
+    """
+
+    backend: str
+    batch_size: int
+    dtype: str
+    device: str
+    reference_method: str
+    fallback_reason: Optional[str]
+    dropout_disabled: tuple[str, ...]
+    broadcasts: tuple[Any, ...]
+
+    def batch_gradient(self, float64: bool) -> dict[str, "np.ndarray"]: ...
+
+    def reference_gradient(self, coeffs: "np.ndarray", float64: bool) -> dict[str, "np.ndarray"]: ...
+
+    def per_sample_gradients(self, float64: bool) -> Optional[dict[str, "np.ndarray"]]: ...
+
+    def weight_candidates(self) -> list[tuple[str, "np.ndarray"]]: ...
+
+    def loss_values(self, float64: bool) -> Optional[tuple[float, "np.ndarray"]]:
+        """The batch loss and the per-sample losses of the last evaluation, if known."""
+        ...
+
+
+def default_tolerances(dtype: str, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
+    """The ``(rtol, atol)`` a check in ``dtype`` uses, explicit values winning.
+
+    >>> default_tolerances("float32")
+    (0.0001, 0.0)
+    >>> default_tolerances("float32", rtol=1e-3)
+    (0.001, 0.0)
+    """
+    r = DEFAULT_RTOL.get(dtype, DEFAULT_RTOL["float32"]) if rtol is None else float(rtol)
+    a = 0.0 if atol is None else float(atol)
+    return r, a
+
+
+def _compare_one(name: str, b: "np.ndarray", r: "np.ndarray", rtol: float, atol: float) -> ParamComparison:
+    import numpy as np
+
+    shape = tuple(int(s) for s in np.shape(r))
+    b = np.asarray(b, dtype=np.float64).ravel()
+    r = np.asarray(r, dtype=np.float64).ravel()
+    numel = int(r.size)
+    if numel == 0:
+        return ParamComparison(name, shape, 0.0, 0.0, atol, float("nan"), float("nan"), 0, 0)
+    finite = np.isfinite(b) & np.isfinite(r)
+    if not finite.all():
+        bad = int((~finite).sum())
+        return ParamComparison(name, shape, math.inf, math.inf, atol, float("nan"), float("nan"), bad, numel)
+    diff = np.abs(b - r)
+    max_abs = float(diff.max())
+    scale = float(max(np.abs(b).max(), np.abs(r).max()))
+    allowed = atol + rtol * scale
+    rel = max_abs / scale if scale > 0 else 0.0
+    nb, nr = float(np.linalg.norm(b)), float(np.linalg.norm(r))
+    cosine = float(np.dot(b, r) / (nb * nr)) if nb > 0 and nr > 0 else float("nan")
+    if nr > 0:
+        ratio = nb / nr
+    else:
+        ratio = float("nan") if nb == 0 else math.inf
+    mismatched = int((diff > allowed).sum())
+    return ParamComparison(name, shape, max_abs, rel, allowed, cosine, ratio, mismatched, numel)
+
+
+def compare_gradients(
+    batch: Mapping[str, "np.ndarray"],
+    reference: Mapping[str, "np.ndarray"],
+    *,
+    rtol: float,
+    atol: float,
+    reduction: str,
+    precision: str,
+) -> Comparison:
+    """Compare two gradients parameter by parameter.
+
+    A parameter matches when ``max|batch - reference| <= atol + rtol * scale``,
+    with ``scale`` the largest magnitude in either gradient of that parameter.
+
+    >>> import numpy as np
+    >>> c = compare_gradients({"w": np.array([1.0, 2.0])}, {"w": np.array([1.0, 2.0 + 1e-9])},
+    ...                       rtol=1e-7, atol=0.0, reduction="mean", precision="float64")
+    >>> c.passed, c.params[0].name
+    (True, 'w')
+    """
+    params = tuple(_compare_one(n, batch[n], reference[n], rtol, atol) for n in reference)
+    return Comparison(reduction=reduction, precision=precision, rtol=rtol, atol=atol, params=params)
+
+
+def _label(hyp: str, weighted: bool) -> str:
+    return f"weighted {hyp}" if weighted else hyp
+
+
+def _references(
+    s: Mapping[str, "np.ndarray"], coeffs: "np.ndarray", hyps: Sequence[str]
+) -> dict[str, dict[str, "np.ndarray"]]:
+    total = float(coeffs.sum())
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for h in hyps:
+        if h == "sum":
+            out[h] = dict(s)
+        else:
+            out[h] = {n: v / total for n, v in s.items()}
+    return out
+
+
+def _check_finite(grads: Mapping[str, "np.ndarray"], what: str) -> None:
+    import numpy as np
+
+    for name, g in grads.items():
+        if not np.all(np.isfinite(g)):
+            n_bad = int((~np.isfinite(g)).sum())
+            raise InvalidArgument(
+                f"the {what} of parameter {name!r} has {n_bad} non-finite entr"
+                f"{'y' if n_bad == 1 else 'ies'} (NaN or inf): gradients cannot be compared. "
+                "Check the inputs and the loss for overflow, log(0) or division by zero."
+            )
+
+
+def _flat(grads: Mapping[str, "np.ndarray"], names: Sequence[str]) -> "np.ndarray":
+    import numpy as np
+
+    return np.concatenate([np.asarray(grads[n], dtype=np.float64).ravel() for n in names])
+
+
+def _close(x: float, target: float, rel: float = 1e-3) -> bool:
+    return abs(x - target) <= rel * max(abs(target), 1e-12)
+
+
+def diagnose(
+    problem: GradientProblem,
+    g: Mapping[str, "np.ndarray"],
+    declared: Mapping[str, "np.ndarray"],
+    coeffs: "np.ndarray",
+    hyp: str,
+    weighted: bool,
+    rtol: float,
+    atol: float,
+    float64: bool,
+) -> list[Finding]:
+    """Explain why ``g`` is not ``declared`` (the reference under reduction ``hyp``)."""
+    import numpy as np
+
+    findings: list[Finding] = []
+    if problem.broadcasts:
+        findings.append(Finding("broadcast", records=tuple(problem.broadcasts)))
+
+    names = list(declared)
+    gv, rv = _flat(g, names), _flat(declared, names)
+    precision = "float64" if float64 else problem.dtype
+    # 1. a pure scale factor (sum vs mean, a double division, a flipped sign)
+    rr = float(np.dot(rv, rv))
+    if rr > 0:
+        factor = float(np.dot(gv, rv) / rr)
+        if math.isfinite(factor) and factor != 0:
+            scaled = {n: factor * declared[n] for n in names}
+            if compare_gradients(g, scaled, rtol=rtol, atol=atol, reduction=hyp, precision=precision).passed:
+                b = problem.batch_size
+                total = float(coeffs.sum())
+                matched = None
+                if hyp == "mean" and _close(factor, total):
+                    matched = _label("sum", weighted)
+                elif hyp == "sum" and _close(factor, 1.0 / total):
+                    matched = _label("mean", weighted)
+                findings.append(Finding("factor", factor=factor, matched=matched))
+                del b
+                return findings
+
+    # 2. a weighting we can name (e.g. by the number of non-ignored targets)
+    for label, v in problem.weight_candidates():
+        if v.shape != coeffs.shape or not np.all(np.isfinite(v)) or v.sum() <= 0:
+            continue
+        if np.allclose(v / v.sum(), coeffs / coeffs.sum()):
+            continue
+        s_v = problem.reference_gradient(v, float64)
+        for h in ("mean", "sum"):
+            ref_v = _references(s_v, v, [h])[h]
+            if compare_gradients(g, ref_v, rtol=rtol, atol=atol, reduction=h, precision=precision).passed:
+                rel = v / v.mean() if h == "mean" else v
+                findings.append(
+                    Finding("known-weights", label=label, matched=f"{label}-weighted {h}",
+                            weights=tuple(float(x) for x in rel))
+                )
+                return findings
+
+    # 3. the weights the batch gradient gives each sample, if they can be identified
+    b = problem.batch_size
+    n_entries = int(rv.size)
+    if n_entries <= b:
+        if not findings:
+            findings.append(
+                Finding(
+                    "unidentifiable",
+                    label=(
+                        f"the model has {n_entries} gradient entries for {b} samples, too few to "
+                        "tell how the batch gradient weights each sample; re-run with a batch "
+                        f"smaller than {n_entries} for a diagnosis."
+                    ),
+                )
+            )
+        return findings
+    if b * n_entries > MAX_PER_SAMPLE_ENTRIES:
+        return findings
+    per_sample = problem.per_sample_gradients(float64)
+    if per_sample is None:
+        return findings
+    G = np.stack([_flat({n: per_sample[n][i] for n in names}, names) for i in range(b)])  # (B, P)
+    w, _res, rank, _sv = np.linalg.lstsq(G.T, gv, rcond=None)
+    fitted = G.T @ w
+    offsets = np.cumsum([0] + [int(np.size(declared[n])) for n in names])
+    fitted_g = {n: fitted[offsets[i] : offsets[i + 1]].reshape(np.shape(declared[n])) for i, n in enumerate(names)}
+    in_span = compare_gradients(
+        g, fitted_g, rtol=rtol * 10, atol=atol, reduction=hyp, precision=precision
+    ).passed
+    if not in_span:
+        findings.append(Finding("not-combination"))
+        return findings
+    if rank < b:
+        return findings  # in the span, but the weights are not unique: say nothing about them
+    declared_c = coeffs / coeffs.sum() if hyp == "mean" else coeffs
+    rel_w = w / declared_c
+    kind = "weights" if np.all(rel_w > 0) else "coupled"
+    if kind == "weights" and not _losses_reweighted(problem, w, float64, rtol):
+        # The gradients recombine, but the loss values do not: with one output per
+        # sample every loss change looks like a reweighting of the gradients, so
+        # the losses decide. A real weighting (padding, sample weights) reweights
+        # the per-sample losses the same way.
+        kind = "coupled"
+    findings.append(Finding(kind, weights=tuple(float(x) for x in rel_w)))
+    return findings
+
+
+def _losses_reweighted(problem: GradientProblem, w: "np.ndarray", float64: bool, rtol: float) -> bool:
+    """Whether the batch loss is the same weighted combination of per-sample losses."""
+    import numpy as np
+
+    values = problem.loss_values(float64)
+    if values is None:
+        return True  # nothing to contradict the gradients with
+    batch_loss, losses = values
+    if losses.shape != w.shape:
+        return True
+    combined = float(np.dot(w, losses))
+    scale = max(abs(batch_loss), float(np.abs(w * losses).sum()), 1e-30)
+    return abs(batch_loss - combined) <= max(rtol * 100, 1e-6) * scale
+
+
+def run_check(
+    problem: GradientProblem,
+    *,
+    reduction: str = "mean",
+    weights: Optional["np.ndarray"] = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    float64_recheck: bool = True,
+    check: str = "per-sample",
+    notes: Sequence[str] = (),
+) -> GradEquivReport:
+    """Compare, re-check in float64, diagnose; return the report or raise ``GradEquivError``."""
+    import numpy as np
+
+    b = problem.batch_size
+    weighted = weights is not None
+    coeffs = np.ones(b, dtype=np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
+    hyps = ["mean", "sum"] if reduction == "auto" else [reduction]
+
+    def evaluate(float64: bool) -> tuple[dict, dict, dict[str, Comparison]]:
+        precision = "float64" if float64 else problem.dtype
+        r, a = default_tolerances(precision, rtol, atol)
+        g = problem.batch_gradient(float64)
+        _check_finite(g, "batch gradient")
+        s = problem.reference_gradient(coeffs, float64)
+        _check_finite(s, "reference gradient (per-sample accumulation)")
+        refs = _references(s, coeffs, hyps)
+        comps = {
+            h: compare_gradients(g, refs[h], rtol=r, atol=a, reduction=_label(h, weighted), precision=precision)
+            for h in hyps
+        }
+        return g, refs, comps
+
+    def first_pass(comps: Mapping[str, Comparison]) -> Optional[str]:
+        return next((h for h in hyps if comps[h].passed), None)
+
+    g, refs, comps = evaluate(False)
+    matched = first_pass(comps)
+    working = comps[matched or hyps[0]]
+    f64: Optional[Comparison] = None
+    f64_error: Optional[str] = None
+    used_f64 = problem.dtype == "float64"
+    if matched is None and float64_recheck and problem.dtype != "float64":
+        try:
+            g64, refs64, comps64 = evaluate(True)
+        except InvalidArgument:
+            raise
+        except Exception as exc:  # the re-check is best effort: say why it could not run
+            f64_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            matched = first_pass(comps64)
+            f64 = comps64[matched or hyps[0]]
+            g, refs, used_f64 = g64, refs64, True
+
+    report = GradEquivReport(
+        passed=matched is not None,
+        check=check,
+        backend=problem.backend,
+        batch_size=b,
+        dtype=problem.dtype,
+        device=problem.device,
+        reduction=reduction,
+        weighted=weighted,
+        matched=_label(matched, weighted) if matched else None,
+        working=working,
+        float64=f64,
+        rounding=matched is not None and f64 is not None,
+        float64_error=f64_error,
+        reference_method=problem.reference_method,
+        fallback_reason=problem.fallback_reason,
+        dropout_disabled=tuple(problem.dropout_disabled),
+        broadcasts=tuple(problem.broadcasts),
+        notes=list(notes),
+        weights=tuple(float(x) for x in coeffs) if weighted else None,
+    )
+    if report.passed:
+        return report
+    final = report.final
+    report.findings = tuple(
+        diagnose(problem, g, refs[hyps[0]], coeffs, hyps[0], weighted, final.rtol, final.atol, used_f64)
+    )
+    report.would_match = next(
+        (f.matched for f in report.findings if f.kind in ("factor", "known-weights") and f.matched), None
+    )
+    raise GradEquivError(report)
