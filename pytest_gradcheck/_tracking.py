@@ -36,4 +36,8 @@ def collecting() -> Iterator[list[Any]]:
     try:
         yield scope
     finally:
-        stack.remove(scope)
+        # by identity: two scopes holding equal (e.g. empty) lists compare equal
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is scope:
+                del stack[i]
+                break

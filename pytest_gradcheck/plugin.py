@@ -161,20 +161,22 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
     with _tracking.collecting() as reports:
-        result = yield
-    if reports:
-        item.user_properties.append(
-            (
-                _PROPERTY,
-                {
-                    "checks": len(reports),
-                    "failed": sum(not r.passed for r in reports),
-                    "loop": sum(getattr(r, "reference_method", "") == "loop" for r in reports),
-                    "rounding": sum(bool(getattr(r, "rounding", False)) for r in reports),
-                },
-            )
-        )
-    elif item.get_closest_marker("gradequiv") is not None:
+        try:
+            result = yield
+        finally:  # count the checks of a failing test too
+            if reports:
+                item.user_properties.append(
+                    (
+                        _PROPERTY,
+                        {
+                            "checks": len(reports),
+                            "failed": sum(not r.passed for r in reports),
+                            "loop": sum(getattr(r, "reference_method", "") == "loop" for r in reports),
+                            "rounding": sum(bool(getattr(r, "rounding", False)) for r in reports),
+                        },
+                    )
+                )
+    if not reports and item.get_closest_marker("gradequiv") is not None:
         pytest.fail(
             f"{item.name} is marked gradequiv but ran no gradient check: call the gradequiv "
             "fixture (or assert_gradequiv) in the test, or remove the marker.",

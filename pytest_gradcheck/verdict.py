@@ -308,6 +308,7 @@ def run_check(
     notes: Sequence[str] = (),
 ) -> GradEquivReport:
     """Compare, re-check in float64, diagnose; return the report or raise ``GradEquivError``."""
+    __tracebackhide__ = True
     import numpy as np
 
     b = problem.batch_size

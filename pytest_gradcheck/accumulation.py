@@ -1,0 +1,588 @@
+"""Gradient accumulation: k micro-batches, accumulated, give the full-batch gradient.
+
+The check runs the full batch once (one forward, one backward) and each
+micro-batch alone (k forwards, one backward of their weighted sum), then hands
+both to the shared verdict path (:func:`pytest_gradcheck.verdict.run_check`
+with ``check="accumulation"``): the "samples" of the comparison are the
+micro-batches. The reference is
+
+    sum_k w_k * grad(L_k) / sum_k w_k
+
+with ``L_k`` the loss of micro-batch ``k`` run alone and ``w_k`` its weight:
+its number of samples by default, or ``weights(micro_targets)``, e.g. its
+number of non-ignored tokens for a token-normalised language-model loss.
+
+Micro-batches follow :func:`torch.tensor_split`: ``micro_batches=k`` splits B
+samples into k contiguous micro-batches, the first ``B % k`` of them one sample
+larger (B=10, k=4 gives sizes 3, 3, 2, 2). Pass a list of sizes instead to
+choose the split, e.g. ``micro_batches=[4, 4, 2]`` for a data loader whose last
+micro-batch is short.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from . import _tracking
+from ._options import validate_options
+from .engine import (
+    _as_scalar_loss,
+    _as_tensor_tuple,
+    _batch_size,
+    _check_model,
+    _emit_broadcast,
+    _first_line,
+    _leaf_paths,
+    _loss_guard,
+    _TorchProblem,
+)
+from .errors import GradEquivError, InvalidArgument
+from .report import GradEquivReport
+from .verdict import run_check
+
+__all__ = ["assert_accumulation_equiv", "assert_accumulation_equiv_step", "split_sizes"]
+
+TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
+MicroBatches = Union[int, Sequence[int]]
+MicroWeights = Union[None, torch.Tensor, Sequence[float], np.ndarray, Callable[[Any], Any]]
+
+_IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def assert_accumulation_equiv(
+    model: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    inputs: TensorOrTuple,
+    targets: Optional[TensorOrTuple] = None,
+    *,
+    micro_batches: MicroBatches,
+    weights: MicroWeights = None,
+    reduction: str = "mean",
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    broadcast: str = "warn",
+    float64_recheck: bool = True,
+) -> GradEquivReport:
+    """Assert that accumulating ``micro_batches`` micro-batch gradients gives the full-batch gradient.
+
+    The gradient of ``loss_fn(model(*inputs), targets)`` on the whole batch is
+    compared, parameter by parameter, with ``sum_k w_k grad(L_k) / sum_k w_k``,
+    where ``L_k`` is the same loss on micro-batch ``k`` run alone.
+
+    ``micro_batches``: the number k of micro-batches (``1 <= k <= B``, split
+    like :func:`torch.tensor_split`: contiguous, the first ``B % k`` one sample
+    larger), or a list of micro-batch sizes that sum to B. ``weights``: how the
+    micro-batches are combined: ``None`` (default) weighs each by its number of
+    samples, which is right for a per-sample mean loss; a callable
+    ``weights(micro_targets)`` returns one micro-batch's weight, e.g.
+    ``lambda t: (t != -100).sum()`` for a loss averaged over non-ignored tokens;
+    or a sequence of k numbers. Plain "mean of micro-batch means" is
+    ``weights=[1] * k``. With ``reduction="sum"`` (a summed loss) the reference
+    is ``sum_k w_k grad(L_k)`` and the default weights are 1.
+
+    A float32 mismatch is re-run in float64 before it is called a bug; on a
+    mismatch the report says which weighting would have matched (the sample
+    count, the count of non-ignored integer targets, equal weights, or a
+    factor). ``broadcast`` works as in :func:`~pytest_gradcheck.assert_gradequiv`.
+    Dropout is switched off; the model's parameters, ``.grad``, buffers,
+    train/eval modes and the global RNG are left as found.
+
+    Returns a :class:`~pytest_gradcheck.report.GradEquivReport` (``check ==
+    "accumulation"``, ``batch_size`` is the number of micro-batches); raises
+    :class:`~pytest_gradcheck.errors.GradEquivError` on mismatch and
+    :class:`~pytest_gradcheck.errors.InvalidArgument` on input it cannot check.
+
+    >>> import torch, torch.nn.functional as F
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    >>> x, y = torch.randn(10, 3), torch.randn(10, 1)
+    >>> assert_accumulation_equiv(model, F.mse_loss, x, y, micro_batches=4).matched  # sizes 3, 3, 2, 2
+    'weighted mean'
+    >>> try:  # the plain mean of the four micro-batch means is not the full-batch mean
+    ...     assert_accumulation_equiv(model, F.mse_loss, x, y, micro_batches=4, weights=[1, 1, 1, 1])
+    ... except GradEquivError as err:
+    ...     print(err.report.would_match)
+    their number of samples-weighted mean
+    """
+    __tracebackhide__ = True
+    opts = validate_options(
+        {
+            "reduction": reduction,
+            "rtol": rtol,
+            "atol": atol,
+            "broadcast": broadcast,
+            "float64_recheck": float64_recheck,
+        }
+    )
+    _check_model(model)
+    if not callable(loss_fn):
+        raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    inputs_t = _as_tensor_tuple(inputs, "inputs")
+    targets_is_tuple = isinstance(targets, (tuple, list))
+    targets_t = () if targets is None else _as_tensor_tuple(targets, "targets")
+    named = [(f"inputs[{k}]" if isinstance(inputs, (tuple, list)) else "inputs", t) for k, t in enumerate(inputs_t)]
+    named += [(f"targets[{k}]" if targets_is_tuple else "targets", t) for k, t in enumerate(targets_t)]
+    b = _named_batch_size(named)
+    sizes = split_sizes(micro_batches, b)
+    loss_modules = [loss_fn] if isinstance(loss_fn, torch.nn.Module) else []
+
+    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
+        fn = loss_fn
+        if float64 and isinstance(loss_fn, torch.nn.Module):
+            import copy
+
+            fn = copy.deepcopy(loss_fn).to(torch.float64)
+
+        def step(m: torch.nn.Module, batch: Any) -> Any:
+            xs, ys = batch
+            out = m(*xs)
+            with _loss_guard(record):
+                if not targets_t:
+                    return fn(out)
+                if targets_is_tuple:
+                    return fn(out, *ys)
+                return fn(out, ys[0])
+
+        return step
+
+    bounds = _bounds(sizes)
+
+    def micro_targets(k: int) -> Any:
+        if not targets_t:
+            raise InvalidArgument("weights is a callable on the micro-batch targets, but targets is None")
+        start, stop = bounds[k]
+        ys = tuple(t[start:stop] for t in targets_t)
+        return ys if targets_is_tuple else ys[0]
+
+    ignore = getattr(loss_fn, "ignore_index", _IGNORE_INDEX)
+
+    def candidates() -> list[tuple[str, np.ndarray]]:
+        out = _count_candidates(sizes)
+        for t in targets_t:
+            if _is_integer(t) and t.dim() >= 1 and bool((t == ignore).any()):
+                out.insert(
+                    1,
+                    (f"their number of non-ignored targets (targets != {ignore})", _valid_counts(t, bounds, ignore)),
+                )
+        return out
+
+    problem = _MicroBatchProblem(
+        model,
+        build,
+        (inputs_t, targets_t),
+        sizes,
+        watch_broadcast=opts["broadcast"] != "off",
+        allow_non_tensor=False,
+        extra_modules=loss_modules,
+        weight_candidates=candidates,
+    )
+    return _run(problem, opts, weights, micro_targets, "weights(micro_targets)")
+
+
+def assert_accumulation_equiv_step(
+    step_fn: Callable[[torch.nn.Module, Any], Any],
+    model: torch.nn.Module,
+    batch: Any,
+    *,
+    micro_batches: MicroBatches,
+    weights: MicroWeights = None,
+    reduction: str = "mean",
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    float64_recheck: bool = True,
+) -> GradEquivReport:
+    """The training-step form of :func:`assert_accumulation_equiv`.
+
+    ``step_fn(model, batch)`` returns the loss (a scalar tensor, or a mapping
+    with a ``"loss"`` entry); ``batch`` is any nesting of tuples, lists and
+    dicts whose tensors carry the batch on dim 0 (non-tensor leaves are passed
+    unchanged). Each micro-batch is run as ``step_fn(model, micro_batch)``;
+    ``weights`` may be a callable on a micro-batch (the same nesting, sliced).
+    When the mismatch has an integer leaf holding ``-100`` (ignored labels),
+    the diagnosis also tries weighting micro-batches by its other entries.
+
+    >>> import torch, torch.nn.functional as F
+    >>> model = torch.nn.Linear(3, 1)
+    >>> def training_step(m, batch):
+    ...     return {"loss": F.mse_loss(m(batch["x"]), batch["y"]), "log": {"epoch": 0}}
+    >>> batch = {"x": torch.randn(8, 3), "y": torch.randn(8, 1)}
+    >>> assert_accumulation_equiv_step(training_step, model, batch, micro_batches=2).passed
+    True
+    """
+    __tracebackhide__ = True
+    opts = validate_options(
+        {"reduction": reduction, "rtol": rtol, "atol": atol, "float64_recheck": float64_recheck}
+    )
+    opts["broadcast"] = "off"
+    _check_model(model)
+    if not callable(step_fn):
+        raise InvalidArgument(f"step_fn must be callable, got {type(step_fn).__name__}")
+    b = _batch_size(batch, True)
+    sizes = split_sizes(micro_batches, b)
+    bounds = _bounds(sizes)
+
+    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
+        return step_fn
+
+    leaves, spec = pytree.tree_flatten(batch)
+    paths = _leaf_paths(batch)
+
+    def micro(k: int) -> Any:
+        start, stop = bounds[k]
+        return pytree.tree_unflatten(
+            [x[start:stop] if isinstance(x, torch.Tensor) else x for x in leaves], spec
+        )
+
+    def candidates() -> list[tuple[str, np.ndarray]]:
+        out = _count_candidates(sizes)
+        for path, leaf in zip(paths, leaves):
+            if isinstance(leaf, torch.Tensor) and _is_integer(leaf) and bool((leaf == _IGNORE_INDEX).any()):
+                out.insert(
+                    1,
+                    (
+                        f"their number of entries != {_IGNORE_INDEX} in {path}",
+                        _valid_counts(leaf, bounds, _IGNORE_INDEX),
+                    ),
+                )
+        return out
+
+    problem = _MicroBatchProblem(
+        model,
+        build,
+        batch,
+        sizes,
+        watch_broadcast=False,
+        allow_non_tensor=True,
+        weight_candidates=candidates,
+    )
+    return _run(problem, opts, weights, micro, "weights(micro_batch)")
+
+
+def split_sizes(micro_batches: MicroBatches, batch_size: int) -> list[int]:
+    """The micro-batch sizes a check uses for ``micro_batches`` on a batch of ``batch_size``.
+
+    An int k splits like :func:`torch.tensor_split` (the first ``B % k``
+    micro-batches one sample larger); a sequence of sizes is validated.
+
+    >>> split_sizes(4, 10)
+    [3, 3, 2, 2]
+    >>> split_sizes([4, 4, 2], 10)
+    [4, 4, 2]
+    >>> split_sizes(1, 10), split_sizes(10, 10) == [1] * 10
+    ([10], True)
+    """
+    b = int(batch_size)
+    if isinstance(micro_batches, bool):
+        raise InvalidArgument(f"micro_batches={micro_batches!r}: expected an int >= 1 or a list of sizes")
+    if isinstance(micro_batches, (int, np.integer)):
+        k = int(micro_batches)
+        if k < 1:
+            raise InvalidArgument(
+                f"micro_batches={k}: expected at least 1 micro-batch (an int k with 1 <= k <= {b}, "
+                "or a list of micro-batch sizes)"
+            )
+        if k > b:
+            raise InvalidArgument(
+                f"micro_batches={k} is more than the batch has samples ({b}): every micro-batch "
+                f"needs at least one sample, so use 1 <= micro_batches <= {b}"
+            )
+        q, r = divmod(b, k)
+        return [q + 1] * r + [q] * (k - r)
+    if isinstance(micro_batches, (list, tuple)):
+        sizes = list(micro_batches)
+        if not sizes:
+            raise InvalidArgument("micro_batches=[]: give at least one micro-batch size")
+        for s in sizes:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+                raise InvalidArgument(
+                    f"micro_batches={sizes!r}: every micro-batch size must be an int >= 1, got {s!r}"
+                )
+        if sum(sizes) != b:
+            raise InvalidArgument(
+                f"micro_batches={sizes!r} adds up to {sum(sizes)} samples but the batch has {b}: the "
+                "sizes must cover the batch exactly"
+            )
+        return [int(s) for s in sizes]
+    raise InvalidArgument(
+        f"micro_batches={micro_batches!r}: expected an int (the number of micro-batches) or a list of "
+        "micro-batch sizes"
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for s in sizes:
+        out.append((start, start + s))
+        start += s
+    return out
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def _valid_counts(t: torch.Tensor, bounds: Sequence[tuple[int, int]], ignore: int) -> np.ndarray:
+    valid = (t != ignore).reshape(t.shape[0], -1).sum(dim=1).to("cpu", torch.float64)
+    return np.asarray([float(valid[a:b].sum()) for a, b in bounds], dtype=np.float64)
+
+
+def _count_candidates(sizes: Sequence[int]) -> list[tuple[str, np.ndarray]]:
+    return [
+        ("their number of samples", np.asarray(sizes, dtype=np.float64)),
+        ("equal weights (a plain mean of micro-batch losses)", np.ones(len(sizes), dtype=np.float64)),
+    ]
+
+
+def _named_batch_size(named: Sequence[tuple[str, torch.Tensor]]) -> int:
+    first_name, first = named[0]
+    for name, t in named:
+        if t.dim() == 0:
+            raise InvalidArgument(f"{name} is a 0-d tensor: every tensor needs the batch on dim 0")
+    b = int(first.shape[0])
+    for name, t in named[1:]:
+        if int(t.shape[0]) != b:
+            raise InvalidArgument(
+                f"batch sizes disagree: {first_name} (shape {tuple(first.shape)}) has {b} samples but "
+                f"{name} (shape {tuple(t.shape)}) has {int(t.shape[0])}; every tensor must carry the "
+                "same batch on dim 0"
+            )
+    if b == 0:
+        raise InvalidArgument(f"empty batch: {first_name} has no samples")
+    if b == 1:
+        raise InvalidArgument(
+            f"batch size 1 ({first_name}): one sample cannot be split into micro-batches; use at "
+            "least 2 samples"
+        )
+    return b
+
+
+def _resolve_weights(
+    weights: MicroWeights,
+    sizes: Sequence[int],
+    reduction: str,
+    micro_of: Callable[[int], Any],
+    call_name: str,
+) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """The micro-batch weights (None: all equal) and a note saying what they are."""
+    k = len(sizes)
+    if weights is None:
+        if reduction == "sum" or len(set(sizes)) == 1:
+            return None, None
+        w = np.asarray(sizes, dtype=np.float64)
+        return w, f"micro-batches are weighted by their number of samples {sizes} (the default)"
+    if callable(weights) and not isinstance(weights, (torch.Tensor, np.ndarray)):
+        values = []
+        for i in range(k):
+            try:
+                v = weights(micro_of(i))
+            except InvalidArgument:
+                raise
+            except Exception as exc:
+                raise InvalidArgument(
+                    f"{call_name} raised {type(exc).__name__} on micro-batch {i}: {_first_line(exc)}"
+                ) from exc
+            try:
+                values.append(float(v.detach().cpu()) if isinstance(v, torch.Tensor) else float(v))
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise InvalidArgument(
+                    f"{call_name} returned {type(v).__name__} for micro-batch {i}, not one number"
+                ) from exc
+        w = np.asarray(values, dtype=np.float64)
+    else:
+        if isinstance(weights, torch.Tensor):
+            w = weights.detach().to("cpu", torch.float64).numpy().reshape(-1)
+        else:
+            try:
+                w = np.asarray(weights, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(
+                    f"weights={weights!r}: expected a callable, or {k} numbers (one per micro-batch)"
+                ) from exc
+        if w.shape != (k,):
+            raise InvalidArgument(
+                f"weights has {w.size} entries: expected one weight per micro-batch ({k}), or a callable "
+                "on a micro-batch's targets"
+            )
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise InvalidArgument(f"micro-batch weights must be finite and >= 0, got {w.tolist()[:8]}")
+    if w.sum() <= 0:
+        raise InvalidArgument("micro-batch weights sum to 0: at least one micro-batch must count")
+    return w, f"micro-batch weights: {[round(float(x), 6) for x in w]}"
+
+
+def _run(
+    problem: "_MicroBatchProblem",
+    opts: dict[str, Any],
+    weights: MicroWeights,
+    micro_of: Callable[[int], Any],
+    call_name: str,
+) -> GradEquivReport:
+    __tracebackhide__ = True
+    w, weight_note = _resolve_weights(weights, problem.sizes, opts["reduction"], micro_of, call_name)
+    notes = [problem.split_note()]
+    if weight_note:
+        notes.append(weight_note)
+    try:
+        with problem.prepared():
+            try:
+                report = run_check(
+                    problem,
+                    reduction=opts["reduction"],
+                    weights=w,
+                    rtol=opts["rtol"],
+                    atol=opts["atol"],
+                    float64_recheck=opts["float64_recheck"],
+                    check="accumulation",
+                    notes=notes,
+                )
+            except GradEquivError as err:
+                _tracking.record(err.report)
+                advice = _accumulation_advice(err.report)
+                if not advice:
+                    raise
+                raise GradEquivError(err.report, f"{err.report}\n\n{advice}") from None
+    finally:
+        problem.release()
+    _tracking.record(report)
+    if report.broadcasts:
+        _emit_broadcast(report, opts["broadcast"])
+    return report
+
+
+def _accumulation_advice(report: GradEquivReport) -> Optional[str]:
+    """How to write the accumulation loop so that it gives the full-batch gradient."""
+    for f in report.findings:
+        if f.kind == "known-weights" and f.label:
+            what = f.label.removeprefix("their ")
+            if f.label.startswith("equal weights"):
+                return (
+                    "Accumulation: the full-batch gradient here is the plain mean of micro-batch "
+                    "losses: divide each micro-batch's loss by the number of micro-batches before "
+                    ".backward(), and declare weights=[1] * k."
+                )
+            return (
+                f"Accumulation: to reproduce the full-batch gradient, scale micro-batch k's loss by "
+                f"w_k / sum(w) before .backward(), with w_k = its {what}; dividing every loss by the "
+                "number of micro-batches (a plain mean of micro-batch means) is only right when all "
+                "micro-batches weigh the same. Declare that weighting with weights=... to make this "
+                "check pass."
+            )
+        if f.kind == "factor" and f.matched and f.matched.endswith("sum"):
+            return (
+                f"Accumulation: with k={report.batch_size} micro-batches the full-batch gradient is "
+                "their sum: do not divide the micro-batch losses by k (or declare reduction=\"sum\")."
+            )
+    return None
+
+
+# --------------------------------------------------------------------------- the problem
+
+
+class _MicroBatchProblem(_TorchProblem):
+    """A :class:`~pytest_gradcheck.verdict.GradientProblem` whose "samples" are micro-batches.
+
+    The batch gradient is the full batch's (inherited); the reference runs each
+    micro-batch alone through the whole step and accumulates their losses with
+    the given coefficients before one backward.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        build_step: Callable[[Optional[list], bool], Callable[[torch.nn.Module, Any], Any]],
+        batch: Any,
+        sizes: Sequence[int],
+        *,
+        watch_broadcast: bool,
+        allow_non_tensor: bool,
+        extra_modules: Sequence[torch.nn.Module] = (),
+        weight_candidates: Optional[Callable[[], list[tuple[str, np.ndarray]]]] = None,
+    ) -> None:
+        super().__init__(
+            model,
+            build_step,
+            batch,
+            reference="loop",
+            watch_broadcast=watch_broadcast,
+            allow_non_tensor=allow_non_tensor,
+            extra_modules=extra_modules,
+            weight_candidates=weight_candidates,
+        )
+        self.n_samples = self.batch_size
+        self.sizes = list(sizes)
+        self.bounds = _bounds(self.sizes)
+        self.batch_size = len(self.sizes)
+        self.reference_method = "micro-batches"
+
+    def split_note(self) -> str:
+        k = len(self.sizes)
+        ranges = ", ".join(f"{a}:{b}" for a, b in self.bounds[:8]) + (", ..." if k > 8 else "")
+        sizes = self.sizes if k <= 16 else f"{self.sizes[:16]}..."
+        return (
+            f"{self.n_samples} samples split into {k} micro-batch{'es' if k != 1 else ''} of sizes "
+            f"{sizes} (samples {ranges}; torch.tensor_split order)"
+        )
+
+    def sample(self, i: int) -> Any:
+        """Micro-batch ``i``."""
+        return self._micro(pytree.tree_unflatten(list(self._leaves), self._spec), i)
+
+    def _micro(self, batch: Any, k: int) -> Any:
+        start, stop = self.bounds[k]
+        leaves, spec = pytree.tree_flatten(batch)
+        return pytree.tree_unflatten([x[start:stop] if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+
+    def _micro_loss(self, state: Optional[dict], batch: Any, step: Callable, k: int) -> torch.Tensor:
+        start, stop = self.bounds[k]
+        try:
+            loss = _as_scalar_loss(self._call(state, self._micro(batch, k), step), where=f"micro-batch {k}")
+        except (InvalidArgument, GradEquivError):
+            raise
+        except Exception as exc:
+            raise InvalidArgument(
+                f"the step failed on micro-batch {k} (samples {start}:{stop}, {stop - start} sample"
+                f"{'s' if stop - start != 1 else ''}): {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+        if not bool(torch.isfinite(loss.detach())):
+            raise InvalidArgument(
+                f"the loss of micro-batch {k} (samples {start}:{stop}) is {float(loss.detach())}: a "
+                "micro-batch whose targets are all ignored (e.g. all -100) has no mean loss; choose "
+                "micro_batches so that every micro-batch has at least one counted target"
+            )
+        return loss
+
+    def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
+        step = self.build_step(None, float64)
+        with self._precision(float64):
+            state, params = self._state(float64)
+            batch = self._batch(float64)
+            losses = [self._micro_loss(state, batch, step, k) for k in range(self.batch_size)]
+            c = torch.as_tensor(coeffs, dtype=losses[0].dtype, device=losses[0].device)
+            total = sum((loss * c[k] for k, loss in enumerate(losses)), torch.zeros((), dtype=losses[0].dtype, device=losses[0].device))
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        self._keep_losses(torch.stack([loss.detach() for loss in losses]))
+        return self._to_numpy(grads, params)
+
+    def per_sample_gradients(self, float64: bool) -> Optional[dict[str, np.ndarray]]:
+        step = self.build_step(None, float64)
+        out: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        with self._precision(float64):
+            state, params = self._state(float64)
+            batch = self._batch(float64)
+            for k in range(self.batch_size):
+                loss = self._micro_loss(state, batch, step, k)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for n, g in self._to_numpy(grads, params).items():
+                    out[n].append(g)
+        return {n: np.stack(v) for n, v in out.items()}

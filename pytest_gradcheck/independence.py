@@ -1,0 +1,875 @@
+"""Batch independence: no output of sample ``i`` depends on the input of another sample.
+
+This is Karpathy's "backprop to the input" test, made exact and explained:
+
+1. **gradient** (floating inputs): for each checked sample ``i``, one backward of
+   ``<v, out[i]>`` with a random cotangent ``v`` gives ``d out[i] / d inputs``;
+   every row ``j != i`` of that gradient must be *exactly* zero. Autograd only
+   writes a non-zero where there is a path in the graph from ``inputs[j]`` to
+   ``out[i]``, so an exact zero test has no rounding to tolerate.
+2. **perturbation** (every input, and the only evidence for integer token ids
+   and boolean masks, which have no gradient): the other samples' inputs are
+   replaced with values drawn at random from the same tensor (valid token ids
+   stay valid ids) and ``out[i]`` must not change. It also catches paths that
+   carry no gradient, such as a padding mask computed along the batch axis.
+3. **batch of one**: ``out[i]`` in the batch must equal ``out[i]`` with the
+   sample run alone, within the tolerance of the dtype (a mismatch is re-run in
+   float64 before it is called a bug).
+
+A leak names the pairs ("output of sample 0 depends on input of sample 2") and
+the likely cause. Importing this module imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import _tracking
+from ._options import check_tolerance
+from .engine import _check_model, _check_sample_mixing, _disable_dropout, _first_line, _SavedState
+from .errors import GradEquivError, InvalidArgument
+from .verdict import default_tolerances
+
+__all__ = [
+    "assert_batch_independent",
+    "BatchLeakError",
+    "BatchIndependenceReport",
+    "Leak",
+    "AloneMismatch",
+]
+
+TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+#: Forward passes the failure path may spend on naming the pairs behind a leak
+#: that only the perturbation test saw (one forward per candidate pair).
+_PAIR_SEARCH_BUDGET = 256
+_MAX_PAIR_LINES = 20
+
+# Cause keys, in the order the renderer explains them.
+_CAUSE_POOL = "pool"
+_CAUSE_VIEW = "view"
+_CAUSE_MASK = "mask"
+_CAUSE_BATCH_SIZE = "batch-size"
+
+
+# --------------------------------------------------------------------------- report objects
+
+
+@dataclass(frozen=True)
+class Leak:
+    """One leaking pair: the output of ``output_sample`` depends on ``input_sample``.
+
+    ``evidence`` is ``"gradient"`` (a non-zero row of ``d out[i] / d input``;
+    ``strength`` is its norm relative to the sample's own row, ``inf`` when the
+    own row is zero) or ``"perturbation"`` (changing the other sample's input
+    changed this output; ``strength`` is the largest change relative to the
+    output's largest magnitude).
+    """
+
+    output_sample: int
+    input_sample: int
+    input: str
+    evidence: str
+    strength: float
+
+    def sentence(self) -> str:
+        """``"output of sample 0 depends on input of sample 2"``."""
+        return f"output of sample {self.output_sample} depends on input of sample {self.input_sample}"
+
+
+@dataclass(frozen=True)
+class AloneMismatch:
+    """Sample ``sample`` gives a different output alone (a batch of one) than in the batch."""
+
+    sample: int
+    max_abs_err: float
+    rel_err: float
+    allowed: float
+    output: str
+    survives_float64: Optional[bool] = None  # None: the float64 re-check could not run
+    shape: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None  # (in batch, alone) if they differ
+
+
+@dataclass
+class BatchIndependenceReport:
+    """What :func:`assert_batch_independent` measured. ``str(report)`` renders it.
+
+    >>> import torch
+    >>> from pytest_gradcheck import assert_batch_independent
+    >>> report = assert_batch_independent(torch.nn.Linear(3, 2), torch.randn(4, 3))
+    >>> report.passed, report.checked, report.leaks
+    (True, (0, 1, 2, 3), ())
+    """
+
+    passed: bool
+    batch_size: int
+    dtype: str
+    device: str
+    checked: tuple[int, ...]
+    subset: bool  # True when ``checked`` is a seeded random subset (max_samples)
+    seed: int
+    methods: tuple[tuple[str, str], ...]  # (input name, "gradient" | "perturbation")
+    rtol: float
+    atol: float
+    leaks: tuple[Leak, ...] = ()
+    alone: tuple[AloneMismatch, ...] = ()
+    alone_checked: bool = True
+    causes: tuple[str, ...] = ()
+    not_own: tuple[int, ...] = ()  # outputs that depend on other samples but not on their own input
+    incomplete_pairs: bool = False  # the pair search ran out of budget
+    rounding: bool = False  # a batch-of-one difference vanished in float64
+    dropout_disabled: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    check: str = "independence"
+    reference_method: str = "batch of one"
+
+    @property
+    def leaking_samples(self) -> tuple[int, ...]:
+        """The checked samples whose output depends on another sample (or differs alone)."""
+        return tuple(sorted({lk.output_sample for lk in self.leaks} | {a.sample for a in self.alone}))
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """``(output sample, input sample)`` of every leak, without duplicates, sorted."""
+        return tuple(sorted({(lk.output_sample, lk.input_sample) for lk in self.leaks}))
+
+    def summary(self) -> str:
+        """The one-line verdict."""
+        return _headline(self)
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+class BatchLeakError(GradEquivError):
+    """A sample's output depends on other samples of the batch.
+
+    A :class:`~pytest_gradcheck.errors.GradEquivError` (so an ``AssertionError``):
+    ``err.report`` is the :class:`BatchIndependenceReport`.
+    """
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def assert_batch_independent(
+    model: torch.nn.Module,
+    inputs: TensorOrTuple,
+    *,
+    samples: Optional[Iterable[int]] = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    max_samples: int = 16,
+    seed: int = 0,
+) -> BatchIndependenceReport:
+    """Assert that no output of sample ``i`` depends on the input of another sample.
+
+    ``model(*inputs)`` is run on ``inputs`` (a tensor or a tuple of tensors, the
+    batch on dim 0); its output (a tensor, or tuples/dicts of tensors) must
+    carry the batch on dim 0 too. For every checked sample ``i``:
+
+    - floating inputs: the gradient of ``out[i]`` (with a random cotangent) with
+      respect to each floating input must be exactly zero in every row ``j != i``;
+    - every input (token ids and masks included): replacing the other samples'
+      inputs with random values drawn from the same tensor must leave ``out[i]``
+      unchanged (within ``rtol``/``atol``);
+    - ``out[i]`` must equal the output of sample ``i`` run alone (a batch of one),
+      within ``rtol``/``atol``; a difference in float32 is re-run in float64
+      and ignored when it vanishes there (rounding).
+
+    Every sample is checked when the batch has at most ``max_samples`` samples;
+    otherwise ``max_samples`` outputs drawn at random with ``seed`` (the global
+    RNG is not used), each against *all* other samples' inputs. ``samples``
+    names the outputs to check instead. The default tolerance is the one of
+    the gradient checks (``rtol=1e-4`` in float32, ``1e-7`` in float64), normwise
+    over each sample's output. Dropout is switched off during the check; the
+    model's parameters, ``.grad``, buffers, modes and the RNG are left as found.
+
+    Returns a :class:`BatchIndependenceReport`; raises :class:`BatchLeakError`
+    (a :class:`~pytest_gradcheck.errors.GradEquivError`) naming the leaking pairs,
+    :class:`~pytest_gradcheck.errors.UnsupportedModelError` for BatchNorm in
+    train mode and :class:`~pytest_gradcheck.errors.InvalidArgument` on bad input.
+
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.GELU())
+    >>> assert_batch_independent(model, torch.randn(6, 4)).passed
+    True
+    >>> class Leaky(torch.nn.Module):
+    ...     def forward(self, x):  # centres over the batch: every sample sees the others
+    ...         return x - x.mean(dim=0)
+    >>> try:
+    ...     assert_batch_independent(Leaky(), torch.randn(3, 2))
+    ... except BatchLeakError as err:
+    ...     print(err.report.pairs[:2])
+    ((0, 1), (0, 2))
+    """
+    __tracebackhide__ = True
+    _check_model(model)
+    rtol_v = check_tolerance(rtol, "rtol")
+    atol_v = check_tolerance(atol, "atol")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise InvalidArgument(f"max_samples={max_samples!r}: expected an int >= 1 (how many outputs to check)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidArgument(f"seed={seed!r}: expected an int")
+    is_tuple = isinstance(inputs, (tuple, list))
+    xs = _as_inputs(inputs)
+    names = tuple(f"inputs[{k}]" if is_tuple else "inputs" for k in range(len(xs)))
+    b = _common_batch_size(xs, names)
+    _check_sample_mixing(model)
+    checked, subset = _choose_samples(samples, b, max_samples, seed)
+
+    saved = _SavedState(model, ())
+    try:
+        dropout = _disable_dropout(model)
+        checker = _Checker(model, xs, names, checked, seed, rtol_v, atol_v)
+        report = checker.run()
+        report.subset = subset
+        report.dropout_disabled = dropout
+    finally:
+        saved.restore()
+    _tracking.record(report)
+    if not report.passed:
+        raise BatchLeakError(report)
+    return report
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
+    items = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not items:
+        raise InvalidArgument("inputs is empty: pass a tensor or a tuple of tensors with the batch on dim 0")
+    for k, t in enumerate(items):
+        label = f"inputs[{k}]" if isinstance(inputs, (tuple, list)) else "inputs"
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgument(
+                f"{label} is a {type(t).__name__}, not a tensor: every entry of inputs must be a tensor "
+                "with the batch on dim 0 (wrap other arguments in the model, e.g. with a lambda module)"
+            )
+        if t.dim() == 0:
+            raise InvalidArgument(f"{label} is a 0-d tensor: every input needs the batch on dim 0")
+    return items
+
+
+def _common_batch_size(xs: Sequence[torch.Tensor], names: Sequence[str]) -> int:
+    b = int(xs[0].shape[0])
+    for t, name in zip(xs[1:], names[1:]):
+        if int(t.shape[0]) != b:
+            raise InvalidArgument(
+                f"batch sizes disagree: {names[0]} (shape {tuple(xs[0].shape)}) has {b} samples but "
+                f"{name} (shape {tuple(t.shape)}) has {int(t.shape[0])}; every input must carry the "
+                "same batch on dim 0"
+            )
+    if b == 0:
+        raise InvalidArgument(f"empty batch: {names[0]} has no samples")
+    if b == 1:
+        raise InvalidArgument(
+            f"batch size 1 ({names[0]}, shape {tuple(xs[0].shape)}): with one sample there is no other "
+            "sample to depend on; use at least 2 samples"
+        )
+    return b
+
+
+def _choose_samples(
+    samples: Optional[Iterable[int]], b: int, max_samples: int, seed: int
+) -> tuple[tuple[int, ...], bool]:
+    if samples is not None:
+        if isinstance(samples, (int, torch.Tensor)) and not isinstance(samples, bool):
+            samples = [int(samples)] if isinstance(samples, int) else [int(s) for s in samples.reshape(-1)]
+        chosen = []
+        for s in samples:
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise InvalidArgument(f"samples must be sample indices (ints), got {s!r}")
+            if not -b <= s < b:
+                raise InvalidArgument(f"samples contains {s}, outside the batch of {b} samples (0..{b - 1})")
+            chosen.append(s % b)
+        if not chosen:
+            raise InvalidArgument("samples is empty: name at least one sample to check")
+        return tuple(sorted(set(chosen))), False
+    if b <= max_samples:
+        return tuple(range(b)), False
+    gen = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(b, generator=gen)[:max_samples]
+    return tuple(sorted(int(i) for i in picked)), True
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class _Checker:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        xs: tuple[torch.Tensor, ...],
+        names: tuple[str, ...],
+        checked: tuple[int, ...],
+        seed: int,
+        rtol: Optional[float],
+        atol: Optional[float],
+    ) -> None:
+        self.model = model
+        self.xs = tuple(x.detach() for x in xs)
+        self.names = names
+        self.checked = checked
+        self.seed = seed
+        self.b = int(xs[0].shape[0])
+        self.gen = torch.Generator().manual_seed(seed)
+        self.user_rtol, self.user_atol = rtol, atol
+        ref_dtype = next((x.dtype for x in xs if x.is_floating_point()), None)
+        if ref_dtype is None:
+            ref_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.dtype = _dtype_name(ref_dtype)
+        self.device = str(xs[0].device)
+        self.rtol, self.atol = default_tolerances(self.dtype, rtol, atol)
+        self.notes: list[str] = []
+        self.out_names: list[str] = []
+
+    # -- running the model ------------------------------------------------------------------
+    def _forward(self, xs: Sequence[torch.Tensor], *, grad: bool = False, model: Optional[torch.nn.Module] = None) -> Any:
+        m = self.model if model is None else model
+        try:
+            with torch.set_grad_enabled(grad):
+                return m(*xs)
+        except (InvalidArgument, GradEquivError):
+            raise
+        except Exception as exc:
+            raise InvalidArgument(
+                f"the model raised {type(exc).__name__} on the batch: {_first_line(exc)}"
+            ) from exc
+
+    def _leaves(self, out: Any, b: int, *, first: bool = False) -> list[torch.Tensor]:
+        """The output tensors that carry the batch on dim 0, in a fixed order."""
+        leaves, _ = pytree.tree_flatten(out)
+        picked: list[torch.Tensor] = []
+        names: list[str] = []
+        skipped: list[str] = []
+        for n, leaf in enumerate(leaves):
+            label = "output" if len(leaves) == 1 else f"output leaf {n}"
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            if leaf.dim() >= 1 and int(leaf.shape[0]) == b:
+                picked.append(leaf)
+                names.append(label)
+            else:
+                skipped.append(f"{label} (shape {tuple(leaf.shape)})")
+        if first:
+            if not picked:
+                raise InvalidArgument(
+                    f"the model's output has no tensor with the batch ({self.b} samples) on dim 0 "
+                    f"(got {', '.join(skipped) or type(out).__name__}): return per-sample outputs, "
+                    "batch first"
+                )
+            if skipped:
+                self.notes.append(
+                    "output tensors without the batch on dim 0 were not compared: " + ", ".join(skipped)
+                )
+            self.out_names = names
+        return picked
+
+    def _fresh(self) -> list[torch.Tensor]:
+        return [x.clone() for x in self.xs]
+
+    def _perturbed(self, rows: Sequence[int], which: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+        """The inputs with ``rows`` replaced by values drawn from the same tensor."""
+        out = self._fresh()
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        for k, x in enumerate(self.xs):
+            if which is not None and k not in which:
+                continue
+            pool = x.reshape(-1)
+            draw = torch.randint(0, pool.numel(), (len(rows), *x.shape[1:]), generator=self.gen)
+            out[k][idx.to(x.device)] = pool[draw.to(x.device)]
+        return out
+
+    def _compare(self, a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, float]:
+        """``(max abs err, rel err, allowed)``, normwise over one sample's output."""
+        if a.is_floating_point() or a.is_complex():
+            a64, b64 = a.detach().to(torch.complex128 if a.is_complex() else torch.float64), b.detach().to(
+                torch.complex128 if b.is_complex() else torch.float64
+            )
+        else:
+            a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+            rtol, atol = 0.0, 0.0
+        if a64.numel() == 0:
+            return 0.0, 0.0, atol
+        diff = float((a64 - b64).abs().max())
+        scale = float(torch.maximum(a64.abs().max(), b64.abs().max()))
+        both_nan = bool(torch.equal(torch.isnan(a64), torch.isnan(b64)))
+        if math.isnan(diff) and both_nan:
+            finite = ~torch.isnan(a64)
+            diff = float((a64[finite] - b64[finite]).abs().max()) if bool(finite.any()) else 0.0
+        allowed = atol + rtol * scale
+        rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+        return diff, rel, allowed
+
+    def _differs(self, base: Sequence[torch.Tensor], other: Sequence[torch.Tensor], i: int) -> tuple[bool, float]:
+        worst = 0.0
+        for a, b in zip(base, other):
+            if a[i].shape != b[i].shape:
+                return True, math.inf
+            diff, rel, allowed = self._compare(a[i], b[i], self.rtol, self.atol)
+            if not diff <= allowed:
+                return True, rel
+            worst = max(worst, rel)
+        return False, worst
+
+    # -- the three tests --------------------------------------------------------------------
+    def run(self) -> BatchIndependenceReport:
+        base = self._leaves(self._forward(self._fresh()), self.b, first=True)
+        self._check_finite(base)
+        methods: list[tuple[str, str]] = []
+        leaks: list[Leak] = []
+        float_idx = [k for k, x in enumerate(self.xs) if x.is_floating_point()]
+        if float_idx:
+            grad_leaks, used = self._gradient_test(float_idx)
+            leaks.extend(grad_leaks)
+            methods.extend((self.names[k], "gradient") for k in used)
+        pert_leaks, pert_methods = self._perturbation_test(base, {lk.output_sample for lk in leaks})
+        leaks.extend(pert_leaks)
+        methods.extend(pert_methods)
+        alone, rounding, alone_ok = self._alone_test(base)
+        leaks.sort(key=lambda lk: (lk.output_sample, lk.input_sample, lk.input, lk.evidence))
+        not_own = tuple(getattr(self, "not_own", ()))
+        causes = _classify(
+            leaks,
+            alone,
+            self.b,
+            float_names={self.names[k] for k in float_idx},
+            mask_names={self.names[k] for k, x in enumerate(self.xs) if x.dtype == torch.bool},
+            not_own=not_own,
+        )
+        return BatchIndependenceReport(
+            passed=not leaks and not alone,
+            batch_size=self.b,
+            dtype=self.dtype,
+            device=self.device,
+            checked=self.checked,
+            subset=False,
+            seed=self.seed,
+            methods=tuple(methods),
+            rtol=self.rtol,
+            atol=self.atol,
+            leaks=tuple(leaks),
+            alone=tuple(alone),
+            alone_checked=alone_ok,
+            causes=causes,
+            not_own=not_own,
+            incomplete_pairs=getattr(self, "_incomplete", False),
+            rounding=rounding,
+            notes=self.notes,
+        )
+
+    def _check_finite(self, base: Sequence[torch.Tensor]) -> None:
+        bad: set[int] = set()
+        for leaf in base:
+            if leaf.is_floating_point() or leaf.is_complex():
+                rows = ~torch.isfinite(leaf.detach()).reshape(self.b, -1).all(dim=1)
+                bad.update(int(i) for i in torch.nonzero(rows).reshape(-1))
+        if bad:
+            shown = sorted(bad)[:8]
+            raise InvalidArgument(
+                f"the model's output is NaN or inf for sample(s) {shown}{' ...' if len(bad) > 8 else ''}: "
+                "non-finite outputs make every comparison meaningless (NaN * 0 is NaN in the backward "
+                "pass). Check the inputs (e.g. a sequence that is all padding masks every key)."
+            )
+
+    def _gradient_test(self, float_idx: list[int]) -> tuple[list[Leak], list[int]]:
+        xs = self._fresh()
+        for k in float_idx:
+            xs[k] = xs[k].requires_grad_(True)
+        outs = [o for o in self._leaves(self._forward(xs, grad=True), self.b) if o.requires_grad]
+        targets = [xs[k] for k in float_idx]
+        if not outs:
+            self.notes.append(
+                "the output does not depend on the floating inputs through autograd (no grad_fn): "
+                "only the perturbation and batch-of-one tests ran"
+            )
+            return [], []
+        used: set[int] = set()
+        leaks: list[Leak] = []
+        self.not_own: list[int] = []
+        for i in self.checked:
+            own_any = False
+            others_any = False
+            cots = []
+            for o in outs:
+                c = torch.zeros_like(o)
+                noise = torch.randn(o[i].shape, generator=self.gen, dtype=torch.float64)
+                c[i] = noise.to(device=o.device, dtype=o.dtype) if not o.is_complex() else noise.to(o.device).to(o.dtype)
+                cots.append(c)
+            grads = torch.autograd.grad(outs, targets, grad_outputs=cots, retain_graph=True, allow_unused=True)
+            for k, g in zip(float_idx, grads):
+                if g is None:
+                    continue
+                used.add(k)
+                rows = g.detach().reshape(self.b, -1)
+                nonzero = rows.ne(0).any(dim=1)
+                if not bool(nonzero.any()):
+                    continue
+                norms = rows.to(torch.float64).norm(dim=1)
+                own = float(norms[i])
+                own_any = own_any or bool(nonzero[i])
+                others_any = others_any or bool(nonzero.sum() > int(nonzero[i]))
+                for j in torch.nonzero(nonzero).reshape(-1).tolist():
+                    if j == i:
+                        continue
+                    strength = float(norms[j]) / own if own > 0 else math.inf
+                    leaks.append(Leak(i, j, self.names[k], "gradient", strength))
+            if others_any and not own_any:
+                self.not_own.append(i)
+        if not used:
+            self.notes.append("no output depends on the floating inputs through autograd")
+        return leaks, sorted(used)
+
+    def _perturbation_test(
+        self, base: Sequence[torch.Tensor], explained: set[int]
+    ) -> tuple[list[Leak], list[tuple[str, str]]]:
+        movable = []
+        for k, x in enumerate(self.xs):
+            if x.numel() and bool((x.reshape(-1) != x.reshape(-1)[0]).any()):
+                movable.append(k)
+            else:
+                self.notes.append(f"{self.names[k]} holds a single value: it could not be perturbed")
+        if not movable:
+            return [], []
+        methods = [(self.names[k], "perturbation") for k in movable]
+        flagged: list[int] = []
+        for i in self.checked:
+            others = [j for j in range(self.b) if j != i]
+            out = self._leaves(self._forward(self._perturbed(others, movable)), self.b)
+            differs, _ = self._differs(base, out, i)
+            if differs:
+                flagged.append(i)
+        leaks: list[Leak] = []
+        budget = _PAIR_SEARCH_BUDGET
+        self._incomplete = False
+        for i in flagged:
+            if i in explained:
+                continue  # the gradient test already named the pairs
+            found = False
+            for j in range(self.b):
+                if j == i:
+                    continue
+                for k in movable:
+                    if budget <= 0:
+                        self._incomplete = True
+                        break
+                    budget -= 1
+                    out = self._leaves(self._forward(self._perturbed([j], [k])), self.b)
+                    differs, rel = self._differs(base, out, i)
+                    if differs:
+                        found = True
+                        leaks.append(Leak(i, j, self.names[k], "perturbation", rel))
+            if not found:
+                # Only the joint perturbation showed it (e.g. the leak needs several samples to change).
+                self._incomplete = True
+                leaks.extend(
+                    Leak(i, j, "inputs" if len(self.xs) > 1 else self.names[0], "perturbation", math.nan)
+                    for j in range(self.b)
+                    if j != i
+                )
+        return leaks, methods
+
+    def _alone_test(self, base: Sequence[torch.Tensor]) -> tuple[list[AloneMismatch], bool, bool]:
+        mismatches: list[AloneMismatch] = []
+        rounding = False
+        m64: Optional[torch.nn.Module] = None
+        base64: Optional[list[torch.Tensor]] = None
+        for i in self.checked:
+            one = [x[i : i + 1].clone() for x in self.xs]
+            try:
+                alone = self._leaves(self._forward(one), 1)
+            except InvalidArgument as exc:
+                self.notes.append(
+                    "the batch-of-one comparison was skipped: the model cannot run on a single sample "
+                    f"({_first_line(exc)})"
+                )
+                return mismatches, rounding, False
+            if len(alone) != len(base):
+                self.notes.append("the batch-of-one comparison was skipped: a batch of one returns other outputs")
+                return mismatches, rounding, False
+            for n, (a, s) in enumerate(zip(base, alone)):
+                name = self.out_names[n] if n < len(self.out_names) else f"output leaf {n}"
+                if a[i].shape != s[0].shape:
+                    mismatches.append(
+                        AloneMismatch(i, math.inf, math.inf, 0.0, name, True, (tuple(a[i].shape), tuple(s[0].shape)))
+                    )
+                    break
+                diff, rel, allowed = self._compare(a[i], s[0], self.rtol, self.atol)
+                if diff <= allowed:
+                    continue
+                survives: Optional[bool] = None
+                if self.dtype != "float64":
+                    try:
+                        if m64 is None:
+                            m64 = copy.deepcopy(self.model).to(torch.float64)
+                            xs64 = [x.to(torch.float64) if x.is_floating_point() else x for x in self._fresh()]
+                            base64 = self._leaves(self._forward(xs64, model=m64), self.b)
+                        one64 = [x.to(torch.float64) if x.is_floating_point() else x for x in one]
+                        alone64 = self._leaves(self._forward(one64, model=m64), 1)
+                        r64, a64 = default_tolerances("float64", self.user_rtol, self.user_atol)
+                        d64, _, allowed64 = self._compare(base64[n][i], alone64[n][0], r64, a64)  # type: ignore[index]
+                        survives = not d64 <= allowed64
+                    except Exception as exc:  # best effort: say why
+                        self.notes.append(f"the float64 re-check of the batch-of-one runs could not run: {_first_line(exc)}")
+                        survives = None
+                else:
+                    survives = True
+                if survives is False:
+                    rounding = True
+                    continue
+                mismatches.append(AloneMismatch(i, diff, rel, allowed, name, survives))
+                break
+        return mismatches, rounding, True
+
+
+def _classify(
+    leaks: Sequence[Leak],
+    alone: Sequence[AloneMismatch],
+    b: int,
+    *,
+    float_names: set[str],
+    mask_names: set[str],
+    not_own: Sequence[int],
+) -> tuple[str, ...]:
+    """The likely causes, most likely first (keys of :data:`_CAUSE_TEXT`).
+
+    - outputs that ignore their own input, or that depend on only some other
+      samples, point to a view/reshape that moved rows between samples;
+    - leaks through a boolean input, or through a floating input that autograd
+      does not see (a non-differentiable path), point to a mask built along the
+      batch axis;
+    - outputs that depend on (nearly) every other sample point to a layer that
+      pools, normalises or attends over the batch axis.
+    """
+    if not leaks:
+        return (_CAUSE_BATCH_SIZE,) if alone else ()
+    deps: dict[int, set[int]] = {}
+    for lk in leaks:
+        deps.setdefault(lk.output_sample, set()).add(lk.input_sample)
+    density = sum(len(v) for v in deps.values()) / (len(deps) * max(b - 1, 1))
+    has_gradient = any(lk.evidence == "gradient" for lk in leaks)
+    silent_float = any(lk.evidence == "perturbation" and lk.input in float_names for lk in leaks)
+    via_mask = any(lk.input in mask_names for lk in leaks)
+    first: str
+    if not_own:
+        first = _CAUSE_VIEW
+    elif via_mask or (silent_float and not has_gradient):
+        first = _CAUSE_MASK
+    elif density >= 0.75:
+        first = _CAUSE_POOL
+    else:
+        first = _CAUSE_VIEW
+    rest = [c for c in (_CAUSE_POOL, _CAUSE_VIEW, _CAUSE_MASK) if c != first]
+    return (first, *rest)
+
+
+# --------------------------------------------------------------------------- rendering
+
+_CAUSE_TEXT = {
+    _CAUSE_POOL: (
+        "a layer that normalises or pools over the batch axis (statistics over dim 0 such as "
+        "x.mean(0) or softmax(dim=0), hand-written batch normalisation), or attention along the "
+        "batch axis (nn.MultiheadAttention / nn.TransformerEncoderLayer without batch_first=True fed "
+        "(batch, seq, feature) tensors, so each position attends across samples)"
+    ),
+    _CAUSE_VIEW: (
+        "a view/reshape across the batch dimension: x.view(T, B, -1) or x.reshape(...) where "
+        "x.permute(1, 0, 2) or x.transpose(0, 1) was meant regroups memory, so rows of one sample "
+        "end up in another"
+    ),
+    _CAUSE_MASK: (
+        "a mask, index or length built along the batch axis (e.g. (ids == pad).any(0), "
+        "mask.sum(0) instead of mask.sum(1), padding trimmed to the longest sequence of the batch): "
+        "such paths carry no gradient, only changing the other samples' inputs shows them"
+    ),
+    _CAUSE_BATCH_SIZE: (
+        "the output depends on the batch itself rather than on another sample's values: the batch "
+        "size is used inside forward (x.shape[0], len(x)), or a layer computes differently for a "
+        "batch of one"
+    ),
+}
+
+_SHORT_CAUSE = {
+    _CAUSE_POOL: "a layer that pools, normalises or attends over the batch axis",
+    _CAUSE_VIEW: "a view/reshape across the batch dimension",
+    _CAUSE_MASK: "a mask or index built along the batch axis",
+    _CAUSE_BATCH_SIZE: "the batch size used inside forward",
+}
+
+_ADVICE_TEXT = {
+    _CAUSE_POOL: (
+        "normalise each sample alone (LayerNorm/GroupNorm instead of statistics over dim 0) and pass "
+        "batch_first=True to attention/recurrent layers that receive (batch, seq, feature) tensors"
+    ),
+    _CAUSE_VIEW: (
+        "reorder axes with .permute()/.transpose() (then .reshape()); .view()/.reshape() alone only "
+        "regroups memory and moves data between samples"
+    ),
+    _CAUSE_MASK: "build masks per sample, from each sample's own inputs (reduce over dim=1, not dim=0)",
+    _CAUSE_BATCH_SIZE: "do not use the batch size inside forward; make every op act on one sample at a time",
+}
+
+
+def _fmt(x: float) -> str:
+    if x is None or math.isnan(x):
+        return "—"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    return f"{x:.2e}"
+
+
+def _fmt_samples(samples: Sequence[int], limit: int = 12) -> str:
+    shown = ", ".join(str(s) for s in samples[:limit])
+    return shown + (f", ... ({len(samples)} in all)" if len(samples) > limit else "")
+
+
+def _headline(report: BatchIndependenceReport) -> str:
+    n, b = len(report.checked), report.batch_size
+    scope = f"{n} of {b} samples checked" + (f", drawn with seed={report.seed}" if report.subset else "")
+    if report.passed:
+        line = (
+            f"Samples are independent: no output depends on another sample's input ({scope})"
+        )
+        if report.rounding:
+            line += f"; the {report.dtype} differences of a batch of one are rounding (they vanish in float64)"
+        return line + "."
+    leaking = report.leaking_samples
+    if report.leaks:
+        return (
+            f"Samples are NOT independent: the output of {len(leaking)} of {n} checked sample"
+            f"{'s' if n != 1 else ''} depends on other samples' inputs "
+            f"({len(report.pairs)} leaking pair{'s' if len(report.pairs) != 1 else ''})."
+        )
+    return (
+        f"Samples are NOT independent: {len(leaking)} of {n} checked sample{'s' if n != 1 else ''} "
+        "give a different output alone (a batch of one) than in the batch."
+    )
+
+
+def _evidence(lk: Leak) -> str:
+    if lk.evidence == "gradient":
+        rel = "" if math.isinf(lk.strength) else f", {lk.strength:.3g} x the sample's own row"
+        return f"gradient w.r.t. {lk.input}[{lk.input_sample}] is non-zero{rel}"
+    if math.isnan(lk.strength):
+        return "changing all other samples together changes it"
+    return f"changing {lk.input}[{lk.input_sample}] changes it by rel {_fmt(lk.strength)}"
+
+
+def render(report: BatchIndependenceReport) -> str:
+    """Render ``report`` as text (the ``BatchLeakError`` message, ``str(report)``)."""
+    lines = [_headline(report), ""]
+    methods: dict[str, list[str]] = {}
+    for name, how in report.methods:
+        methods.setdefault(how, []).append(name)
+    how_text = "; ".join(f"{how}: {', '.join(names)}" for how, names in methods.items()) or "none"
+    checked = "all" if len(report.checked) == report.batch_size else _fmt_samples(report.checked)
+    lines.append(
+        f"batch of {report.batch_size} · {report.dtype} · {report.device} · outputs checked: {checked}"
+        f" · tests: {how_text}" + ("; batch of one" if report.alone_checked else "")
+    )
+    lines.append(
+        f"Tolerance (perturbation, batch of one): rtol={report.rtol:g}, atol={report.atol:g}; "
+        "gradient rows of other samples must be exactly 0."
+    )
+    if report.leaks:
+        by_output: dict[int, dict[int, Leak]] = {}
+        for lk in report.leaks:
+            row = by_output.setdefault(lk.output_sample, {})
+            prev = row.get(lk.input_sample)
+            if prev is None or (prev.evidence != "gradient" and lk.evidence == "gradient"):
+                row[lk.input_sample] = lk
+        lines.append("")
+        lines.append(f"Leaking pairs ({len(report.pairs)}):")
+        outputs = sorted(by_output)
+        for i in outputs[:_MAX_PAIR_LINES]:
+            row = by_output[i]
+            js = sorted(row)
+            first = row[js[0]]
+            also = ""
+            if len(js) > 1:
+                also = f"; also on sample{'s' if len(js) > 2 else ''} {_fmt_samples(js[1:])}"
+            lines.append(f"  {first.sentence()}{also}  ({_evidence(first)})")
+        if len(outputs) > _MAX_PAIR_LINES:
+            lines.append(f"  ... {len(outputs) - _MAX_PAIR_LINES} more leaking outputs")
+        if report.incomplete_pairs:
+            lines.append(
+                "  (not every pair could be named one by one: the search budget ran out or the leak "
+                "only shows when several samples change)"
+            )
+    if report.alone and report.leaks:
+        worst = max(a.rel_err for a in report.alone)
+        lines.append("")
+        lines.append(
+            f"Run alone (a batch of one), sample{'s' if len(report.alone) != 1 else ''} "
+            f"{_fmt_samples([a.sample for a in report.alone])} give a different output than in the "
+            f"batch too (max rel err {_fmt(worst)})."
+        )
+    elif report.alone:
+        lines.append("")
+        lines.append("Run alone (a batch of one) instead of in the batch:")
+        for a in report.alone[:_MAX_PAIR_LINES]:
+            if a.shape is not None:
+                lines.append(
+                    f"  sample {a.sample}: {a.output} has shape {a.shape[0]} in the batch but {a.shape[1]} alone"
+                )
+                continue
+            f64 = {True: "; survives float64", False: "", None: "; float64 re-check could not run"}[a.survives_float64]
+            lines.append(
+                f"  sample {a.sample}: {a.output} differs (max abs err {_fmt(a.max_abs_err)}, rel err "
+                f"{_fmt(a.rel_err)}, allowed {_fmt(a.allowed)}{f64})"
+            )
+        if len(report.alone) > _MAX_PAIR_LINES:
+            lines.append(f"  ... {len(report.alone) - _MAX_PAIR_LINES} more samples")
+    elif report.leaks and report.alone_checked:
+        lines.append("")
+        lines.append(
+            "Run alone (a batch of one), every checked sample gives the output it has in this batch: "
+            "the leak shows only when the other samples change."
+        )
+    if not report.passed and report.causes:
+        lines.append("")
+        lines.append("Cause: likely " + _CAUSE_TEXT[report.causes[0]] + ".")
+        if report.not_own:
+            many = len(report.not_own) != 1
+            lines.append(
+                f"  The output of sample{'s' if many else ''} {_fmt_samples(report.not_own)} "
+                f"{'do' if many else 'does'} not depend on {'their' if many else 'its'} own input at "
+                "all: the rows came from other samples."
+            )
+        if len(report.causes) > 1:
+            lines.append("  Less likely: " + "; ".join(_SHORT_CAUSE[c] for c in report.causes[1:]) + ".")
+        lines.append("")
+        lines.append("What to do: " + _ADVICE_TEXT[report.causes[0]] + ".")
+        lines.append(
+            "  To find the layer, check the model's prefixes (e.g. assert_batch_independent(model[:k], "
+            "inputs)): the first that fails mixes samples."
+        )
+    notes = list(report.notes)
+    if report.dropout_disabled:
+        notes.append(f"dropout was switched off during the check: {', '.join(report.dropout_disabled)}.")
+    if report.subset:
+        notes.append(
+            f"the batch has {report.batch_size} samples: {len(report.checked)} outputs were drawn at random "
+            f"(seed={report.seed}; raise max_samples to check more), each against every other sample."
+        )
+    if notes:
+        lines.append("")
+        lines.append("Notes:")
+        lines.extend(f"  - {n}" for n in notes)
+    return "\n".join(lines)
