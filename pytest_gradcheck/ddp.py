@@ -1,7 +1,8 @@
 """DistributedDataParallel: the DDP gradient of one step equals the single-process full-batch gradient.
 
 :func:`assert_ddp_equiv` starts ``world_size`` processes (``multiprocessing``'s
-*spawn* context), joins them in a ``torch.distributed`` process group over the
+*forkserver* context where there is one, else *spawn*: either way the ranks
+get the model factory and the loss by pickle, never by inheritance), joins them in a ``torch.distributed`` process group over the
 loopback interface only (``127.0.0.1``), builds the model in every rank with
 the same seed, wraps it in :class:`~torch.nn.parallel.DistributedDataParallel`,
 gives each rank its shard of the batch and runs one training step
@@ -62,8 +63,11 @@ TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 BACKENDS = ("gloo", "nccl")
 _LOOPBACK = "127.0.0.1"
-#: Modules the forkserver imports once, so that each rank starts without importing torch.
-_PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "numpy", "pytest_gradcheck.ddp")
+#: Modules the forkserver imports once, so that a rank starts in milliseconds, not seconds
+#: (DDP's constructor alone imports torch._dynamo).
+_PRELOAD = (
+    "torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo", "numpy", "pytest_gradcheck.ddp",
+)
 #: Seconds a rank that has sent its results gets to exit on its own before it is stopped.
 _EXIT_GRACE = 10.0
 #: Seconds between SIGTERM and SIGKILL when stopping a rank.
@@ -700,7 +704,8 @@ class _Reference:
         values = []
         for sel in (idx, np.concatenate([idx, idx])):
             with torch.no_grad(), _seeded():
-                values.append(float(self.cfg.step(self.model, _convert(_take(self.cfg.batch, sel), False), "batch")))
+                batch = _convert(_take(self.cfg.batch, sel), False, self.device)
+                values.append(float(self.cfg.step(self.model, batch, "reduction probe")))
         one, two = values
         if math.isclose(two, one, rel_tol=1e-3, abs_tol=1e-12):
             return "mean"
@@ -845,7 +850,6 @@ def _run_ranks(cfg: _Config, ref: _Reference) -> list[_RankResult]:
     procs: list[Any] = []
     conns: dict[int, Any] = {}
     try:
-        print("spawning", time.strftime("%X"), flush=True)
         for rank in range(cfg.world_size):
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(
@@ -875,19 +879,20 @@ def _run_ranks(cfg: _Config, ref: _Reference) -> list[_RankResult]:
 
 
 def _collect(cfg: _Config, procs: Sequence[Any], conns: Mapping[int, Any], deadline: float) -> list[_RankResult]:
+    """Read every rank's messages (progress, results, errors) until all have reported."""
     __tracebackhide__ = True
     pending = dict(conns)
+    stages = {r: "starting up (process start, joining the process group)" for r in conns}
     results: dict[int, _RankResult] = {}
     errors: list[tuple[int, dict[str, Any]]] = []
     while pending and not errors:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _timeout_error(cfg, sorted(results), sorted(pending), [])
+            raise _timeout_error(cfg, sorted(results), {r: stages[r] for r in sorted(pending)}, [])
         waitables: list[Any] = list(pending.values()) + [procs[r].sentinel for r in pending]
         ready = multiprocessing.connection.wait(waitables, timeout=remaining)
         for rank in sorted(pending):
-            conn = pending[rank]
-            proc = procs[rank]
+            conn, proc = pending[rank], procs[rank]
             if conn not in ready and proc.sentinel not in ready:
                 continue
             try:
@@ -899,8 +904,11 @@ def _collect(cfg: _Config, procs: Sequence[Any], conns: Mapping[int, Any], deadl
             except (EOFError, OSError):
                 proc.join(1.0)
                 errors.append((rank, {"type": "ProcessDied", "message": _exit_text(proc.exitcode),
-                                      "traceback": "", "invalid": False, "collective": False, "died": True}))
+                                      "traceback": "", "invalid": False, "collective": False}))
                 del pending[rank]
+                continue
+            if kind == "stage":
+                stages[rank] = payload
                 continue
             del pending[rank]
             if kind == "ok":
@@ -908,13 +916,14 @@ def _collect(cfg: _Config, procs: Sequence[Any], conns: Mapping[int, Any], deadl
             else:
                 errors.append((rank, payload))
     if errors:
-        timeouts = [(r, e) for r, e in errors if e.get("collective_timeout")]
         others = [(r, e) for r, e in errors if not e.get("collective_timeout")]
         if others:
             # the first failure that is not a peer's broken connection is the cause
             cause = sorted(others, key=lambda x: (bool(x[1].get("collective")), x[0]))[0]
             raise _worker_error(cfg, *cause)
-        raise _timeout_error(cfg, sorted(results), sorted(set(range(cfg.world_size)) - set(results)), timeouts)
+        waited = [r for r, _ in errors]
+        unfinished = {r: stages[r] for r in range(cfg.world_size) if r not in results and r not in waited}
+        raise _timeout_error(cfg, sorted(results), unfinished, waited)
     return [results[r] for r in sorted(results)]
 
 
@@ -942,25 +951,24 @@ def _worker_error(cfg: _Config, rank: int, info: Mapping[str, Any]) -> GradCheck
 
 
 def _timeout_error(
-    cfg: _Config, done: Sequence[int], pending: Sequence[int], waited: Sequence[tuple[int, Mapping[str, Any]]]
+    cfg: _Config, done: Sequence[int], unfinished: Mapping[int, str], waited: Sequence[int] = ()
 ) -> DDPTimeoutError:
-    waiting = [r for r, _ in waited]
-    stuck = [r for r in pending if r not in waiting]
-    parts = [f"assert_ddp_equiv ran out of time (timeout={cfg.timeout:g} s)"]
-    if stuck:
-        parts.append(f"rank{'s' if len(stuck) != 1 else ''} {_and(stuck)} did not finish the step")
-    if waiting:
+    """``unfinished``: rank -> what it was doing when time ran out (its last progress message)."""
+    parts = [f"rank {r} was {stage}" for r, stage in sorted(unfinished.items())]
+    if waited:
         parts.append(
-            f"rank{'s' if len(waiting) != 1 else ''} {_and(waiting)} waited {cfg.timeout:g} s in a collective "
-            "(the gradient all-reduce) for the others and gave up"
+            f"rank{'s' if len(waited) != 1 else ''} {_and(list(waited))} waited {cfg.timeout:g} s in a "
+            "collective for the others and gave up"
         )
     if done:
         parts.append(f"rank{'s' if len(done) != 1 else ''} {_and(list(done))} finished")
+    pending = sorted({*unfinished, *waited})
     return DDPTimeoutError(
-        "; ".join(parts)
+        f"assert_ddp_equiv ran out of time (timeout={cfg.timeout:g} s) before every rank finished the step: "
+        + "; ".join(parts)
         + ". The child processes were stopped. A rank that never reaches the all-reduce (an endless loop, "
-        "a collective that only some ranks call, a deadlock in the model or the loss) blocks the others; "
-        "if the step is merely slow, or process start-up is slow on this machine, pass a larger timeout=.",
+        "a collective that only some ranks call, a deadlock in the model or the loss) blocks the others, "
+        "which wait in DDP's gradient all-reduce; if the step is merely slow, pass a larger timeout=.",
         ranks_done=done,
         ranks_pending=pending,
     )
@@ -993,7 +1001,6 @@ def _stop(procs: Sequence[Any]) -> None:
 def _worker(rank: int, conn: Any, blob: bytes, sys_path: list[str], modules: list[tuple[str, str]]) -> None:
     """Entry point of one rank (runs in a spawned process)."""
     sys.path[:] = sys_path
-    _T0 = time.time(); print("child start", rank, time.strftime("%X"), flush=True)
     code = 1
     try:
         _load_modules(modules)
@@ -1001,9 +1008,7 @@ def _worker(rank: int, conn: Any, blob: bytes, sys_path: list[str], modules: lis
         _die_with_parent()
         if spec.get("ifname"):
             os.environ["GLOO_SOCKET_IFNAME"] = spec["ifname"]  # gloo listens on loopback only
-        print("child loaded", rank, time.time() - _T0, flush=True)
-        payload = _rank_step(rank, spec)
-        print("child done", rank, time.time() - _T0, flush=True)
+        payload = _rank_step(rank, spec, lambda stage: conn.send(("stage", rank, stage)))
         conn.send(("ok", rank, payload))
         code = 0
     except BaseException as exc:  # report everything, KeyboardInterrupt included
@@ -1048,6 +1053,16 @@ def _die_with_parent() -> None:
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+def _user_traceback(exc: BaseException) -> str:
+    """The rank's traceback without this module's own frames (the user's frames are what matter)."""
+    te = traceback.TracebackException.from_exception(exc)
+    ours = {os.path.realpath(__file__)}
+    frames = [f for f in te.stack if os.path.realpath(f.filename) not in ours]
+    if frames:
+        te.stack = traceback.StackSummary.from_list(frames)
+    return "".join(te.format())
+
+
 def _describe_error(exc: BaseException) -> dict[str, Any]:
     text = str(exc)
     lowered = text.lower()
@@ -1055,14 +1070,14 @@ def _describe_error(exc: BaseException) -> dict[str, Any]:
     return {
         "type": type(exc).__name__,
         "message": _first_line(exc) if not isinstance(exc, InvalidArgument) else text,
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "traceback": _user_traceback(exc),
         "invalid": isinstance(exc, InvalidArgument),
         "collective": dist_error,
         "collective_timeout": dist_error and ("timed out" in lowered or "timeout" in lowered),
     }
 
 
-def _rank_step(rank: int, spec: Mapping[str, Any]) -> dict[str, Any]:
+def _rank_step(rank: int, spec: Mapping[str, Any], stage: Callable[[str], None]) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1071,10 +1086,9 @@ def _rank_step(rank: int, spec: Mapping[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(threads)
     timeout = timedelta(seconds=spec["timeout"])
     client = dist.TCPStore(_LOOPBACK, spec["port"], None, False, timeout)
-    _t = time.time()
     dist.init_process_group(spec["backend"], store=client, rank=rank, world_size=world_size, timeout=timeout)
-    print("pg init", rank, time.time() - _t, flush=True)
 
+    stage("building the model (make_model())")
     torch.manual_seed(0)
     model = _build_model(spec["make_model"], f"in rank {rank}")
     _disable_dropout(model)
@@ -1091,6 +1105,8 @@ def _rank_step(rank: int, spec: Mapping[str, Any]) -> dict[str, Any]:
     step: _Step = spec["step"]
 
     def run(m: torch.nn.Module, float64: bool) -> tuple[dict[str, np.ndarray], list[str], list[float]]:
+        tag = "in the float64 re-run, " if float64 else "in "
+        stage(f"{tag}DistributedDataParallel(model) (it broadcasts rank 0's parameters to every rank)")
         if spec["backend"] == "nccl":
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)
@@ -1104,17 +1120,21 @@ def _rank_step(rank: int, spec: Mapping[str, Any]) -> dict[str, Any]:
             torch.manual_seed(0)
             for j, idx in enumerate(micro):
                 ctx = ddp.no_sync() if j < len(micro) - 1 else contextlib.nullcontext()
+                of = f"micro-batch {j + 1} of {len(micro)}"
                 with ctx:
+                    stage(f"{tag}the forward pass and the loss ({of})")
                     batch = _convert(_take(spec["batch"], idx), float64, device)
                     loss = step(ddp, batch, where=f"rank {rank}")
+                    if j < len(micro) - 1:
+                        stage(f"{tag}backward() under no_sync() ({of})")
+                    else:
+                        stage(f"{tag}backward() ({of}), whose gradient all-reduce waits for every rank")
                     loss.backward()
                     losses.append(float(loss.detach()))
         grads, missing = _grads_of(m)
         return grads, missing, losses
 
-    _t = time.time()
     grads, missing, losses = run(model, False)
-    print("step", rank, time.time() - _t, flush=True)
     payload: dict[str, Any] = {
         "rank": rank, "init_hash": init_hash, "init_state": init_state,
         "grads": grads, "missing": missing, "losses": losses,
@@ -1277,6 +1297,7 @@ class _DDPProblem:
 
         disagree, spread = self._rank_spread(float64, rtol, atol)
         if disagree:
+            self.would_match = "nothing: the ranks end the step with different gradients"
             say(
                 "ranks disagree with each other: after DDP's all-reduce every rank must hold the same "
                 f"gradient, but {spread}. The model or the step is rank-dependent or non-deterministic, or "
@@ -1284,6 +1305,7 @@ class _DDPProblem:
                 "backward, gradients changed after backward())."
             )
         if ref.batchnorms and w > 1:
+            self.would_match = "the ranks' own steps averaged (BatchNorm statistics per rank)"
             say(
                 "BatchNorm normalises per rank; use SyncBatchNorm: "
                 f"{_and(ref.batchnorms)} {'is' if len(ref.batchnorms) == 1 else 'are'} in train mode, so "
@@ -1347,12 +1369,14 @@ class _DDPProblem:
                     "because DDP averages the ranks' gradients)."
                 )
             elif k > 1 and any(len(set(len(m) for m in cfg.micro_splits(r))) > 1 for r in range(w)):
+                self.would_match = "the micro-batch-size-weighted mean"
                 say(
                     f"the micro-batches of a rank have different sizes ({_micro_sizes(cfg)}) and each "
                     "micro-batch loss is normalised by its own size: samples in smaller micro-batches count "
                     "more. Normalise every micro-batch loss by the global sample count instead."
                 )
             elif not findings:
+                self.would_match = "the ranks' own steps averaged"
                 say(
                     "the DDP gradient is the average of what the ranks' own losses give, but that is not "
                     "the full-batch gradient: the loss is normalised per rank (or per micro-batch) in a way "

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from . import _tracking
 from ._options import validate_options
-from .errors import BroadcastError, BroadcastWarning, GradEquivError, InvalidArgument, UnsupportedModelError
+from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
 from .report import GradEquivReport
 from .verdict import run_check
 
@@ -231,35 +231,10 @@ def _execute(
         problem.release()
     _tracking.record(report)
     if report.broadcasts:
-        _emit_broadcast(report, opts["broadcast"])
+        from .broadcast import emit_after_check
+
+        emit_after_check(report, opts["broadcast"], where="the loss")
     return report
-
-
-def _emit_broadcast(report: GradEquivReport, mode: str) -> None:
-    __tracebackhide__ = True
-    records = list(report.broadcasts)
-    if mode == "error":
-        lines = [
-            "implicit broadcast in the loss (broadcast='error'): "
-            f"{len(records)} op{'s' if len(records) != 1 else ''} expanded both operands."
-        ]
-        lines += ["  " + r.message() for r in records]
-        lines.append(
-            "Give predictions and targets the same shape, or wrap an intended pairwise term in "
-            "pytest_gradcheck.allow_broadcast()."
-        )
-        lines.append("")
-        lines.append(str(report))
-        raise BroadcastError("\n".join(lines), records)
-    if mode == "warn":
-        for r in records:
-            warnings.warn_explicit(
-                r.message() + " (the gradients agree here, but the loss broadcasts predictions "
-                "against targets; this usually breaks at other batch sizes)",
-                BroadcastWarning,
-                r.filename,
-                r.lineno,
-            )
 
 
 @contextlib.contextmanager

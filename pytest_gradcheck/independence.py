@@ -4,9 +4,9 @@ This is Karpathy's "backprop to the input" test, made exact and explained:
 
 1. **gradient** (floating inputs): for each checked sample ``i``, one backward of
    ``<v, out[i]>`` with a random cotangent ``v`` gives ``d out[i] / d inputs``;
-   every row ``j != i`` of that gradient must be *exactly* zero. Autograd only
-   writes a non-zero where there is a path in the graph from ``inputs[j]`` to
-   ``out[i]``, so an exact zero test has no rounding to tolerate.
+   every row ``j != i`` of that gradient must be *exactly* zero. Where the graph
+   has no path from ``inputs[j]`` to ``out[i]`` autograd gives exact zeros, so
+   the test has no rounding to tolerate.
 2. **perturbation** (every input, and the only evidence for integer token ids
    and boolean masks, which have no gradient): the other samples' inputs are
    replaced with values drawn at random from the same tensor (valid token ids
@@ -15,6 +15,13 @@ This is Karpathy's "backprop to the input" test, made exact and explained:
 3. **batch of one**: ``out[i]`` in the batch must equal ``out[i]`` with the
    sample run alone, within the tolerance of the dtype (a mismatch is re-run in
    float64 before it is called a bug).
+
+The gradient test is exact: no rounding, no chance. The perturbation test is
+seeded (``seed``) and deterministic, but a dependence that shows only for
+special values of the other samples (say, only when all of them are padding)
+can escape it; the batch-of-one comparison is the second net for those. A model
+whose output changes between two identical runs (random numbers outside
+``nn.Dropout``) is refused rather than reported as leaking.
 
 A leak names the pairs ("output of sample 0 depends on input of sample 2") and
 the likely cause. Importing this module imports torch.
@@ -33,7 +40,7 @@ from torch.utils import _pytree as pytree
 from . import _tracking
 from ._options import check_tolerance
 from .engine import _check_model, _check_sample_mixing, _disable_dropout, _first_line, _SavedState
-from .errors import GradEquivError, InvalidArgument
+from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
 from .verdict import default_tolerances
 
 __all__ = [
@@ -50,6 +57,8 @@ TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
 #: that only the perturbation test saw (one forward per candidate pair).
 _PAIR_SEARCH_BUDGET = 256
 _MAX_PAIR_LINES = 20
+
+_PERTURBED = "a perturbed batch (other samples' inputs replaced by values drawn from the same tensors)"
 
 # Cause keys, in the order the renderer explains them.
 _CAUSE_POOL = "pool"
@@ -336,9 +345,18 @@ class _Checker:
         self.rtol, self.atol = default_tolerances(self.dtype, rtol, atol)
         self.notes: list[str] = []
         self.out_names: list[str] = []
+        self.not_own: list[int] = []
+        self._incomplete = False
 
     # -- running the model ------------------------------------------------------------------
-    def _forward(self, xs: Sequence[torch.Tensor], *, grad: bool = False, model: Optional[torch.nn.Module] = None) -> Any:
+    def _forward(
+        self,
+        xs: Sequence[torch.Tensor],
+        *,
+        grad: bool = False,
+        model: Optional[torch.nn.Module] = None,
+        where: str = "the batch",
+    ) -> Any:
         m = self.model if model is None else model
         try:
             with torch.set_grad_enabled(grad):
@@ -347,7 +365,7 @@ class _Checker:
             raise
         except Exception as exc:
             raise InvalidArgument(
-                f"the model raised {type(exc).__name__} on the batch: {_first_line(exc)}"
+                f"the model raised {type(exc).__name__} on {where}: {_first_line(exc)}"
             ) from exc
 
     def _leaves(self, out: Any, b: int, *, first: bool = False) -> list[torch.Tensor]:
@@ -430,6 +448,7 @@ class _Checker:
     def run(self) -> BatchIndependenceReport:
         base = self._leaves(self._forward(self._fresh()), self.b, first=True)
         self._check_finite(base)
+        self._check_deterministic(base)
         methods: list[tuple[str, str]] = []
         leaks: list[Leak] = []
         float_idx = [k for k, x in enumerate(self.xs) if x.is_floating_point()]
@@ -442,7 +461,7 @@ class _Checker:
         methods.extend(pert_methods)
         alone, rounding, alone_ok = self._alone_test(base)
         leaks.sort(key=lambda lk: (lk.output_sample, lk.input_sample, lk.input, lk.evidence))
-        not_own = tuple(getattr(self, "not_own", ()))
+        not_own = tuple(self.not_own)
         causes = _classify(
             leaks,
             alone,
@@ -467,7 +486,7 @@ class _Checker:
             alone_checked=alone_ok,
             causes=causes,
             not_own=not_own,
-            incomplete_pairs=getattr(self, "_incomplete", False),
+            incomplete_pairs=self._incomplete,
             rounding=rounding,
             notes=self.notes,
         )
@@ -486,6 +505,20 @@ class _Checker:
                 "pass). Check the inputs (e.g. a sequence that is all padding masks every key)."
             )
 
+    def _check_deterministic(self, base: Sequence[torch.Tensor]) -> None:
+        again = self._leaves(self._forward(self._fresh(), where="the batch, run a second time"), self.b)
+        changed = len(again) != len(base) or any(
+            self._differs(base, again, i)[0] for i in range(self.b)
+        )
+        if changed:
+            raise UnsupportedModelError(
+                "the model gives a different output when run twice on the same batch: it draws "
+                "random numbers outside nn.Dropout modules (e.g. F.dropout(x, training=True), "
+                "torch.randn_like) or keeps state between calls, so a changed output cannot be "
+                "told from a leak. Make the forward deterministic for the check: put the module in "
+                "eval mode, use nn.Dropout (the check switches it off), or pass the noise in as an input."
+            )
+
     def _gradient_test(self, float_idx: list[int]) -> tuple[list[Leak], list[int]]:
         xs = self._fresh()
         for k in float_idx:
@@ -500,7 +533,6 @@ class _Checker:
             return [], []
         used: set[int] = set()
         leaks: list[Leak] = []
-        self.not_own: list[int] = []
         for i in self.checked:
             own_any = False
             others_any = False
@@ -549,13 +581,12 @@ class _Checker:
         flagged: list[int] = []
         for i in self.checked:
             others = [j for j in range(self.b) if j != i]
-            out = self._leaves(self._forward(self._perturbed(others, movable)), self.b)
+            out = self._leaves(self._forward(self._perturbed(others, movable), where=_PERTURBED), self.b)
             differs, _ = self._differs(base, out, i)
             if differs:
                 flagged.append(i)
         leaks: list[Leak] = []
         budget = _PAIR_SEARCH_BUDGET
-        self._incomplete = False
         for i in flagged:
             if i in explained:
                 continue  # the gradient test already named the pairs
@@ -568,7 +599,7 @@ class _Checker:
                         self._incomplete = True
                         break
                     budget -= 1
-                    out = self._leaves(self._forward(self._perturbed([j], [k])), self.b)
+                    out = self._leaves(self._forward(self._perturbed([j], [k]), where=_PERTURBED), self.b)
                     differs, rel = self._differs(base, out, i)
                     if differs:
                         found = True
@@ -591,7 +622,7 @@ class _Checker:
         for i in self.checked:
             one = [x[i : i + 1].clone() for x in self.xs]
             try:
-                alone = self._leaves(self._forward(one), 1)
+                alone = self._leaves(self._forward(one, where=f"sample {i} alone (a batch of one)"), 1)
             except InvalidArgument as exc:
                 self.notes.append(
                     "the batch-of-one comparison was skipped: the model cannot run on a single sample "
@@ -749,15 +780,15 @@ def _headline(report: BatchIndependenceReport) -> str:
         if report.rounding:
             line += f"; the {report.dtype} differences of a batch of one are rounding (they vanish in float64)"
         return line + "."
-    leaking = report.leaking_samples
     if report.leaks:
+        leaking = {lk.output_sample for lk in report.leaks}
         return (
             f"Samples are NOT independent: the output of {len(leaking)} of {n} checked sample"
             f"{'s' if n != 1 else ''} depends on other samples' inputs "
             f"({len(report.pairs)} leaking pair{'s' if len(report.pairs) != 1 else ''})."
         )
     return (
-        f"Samples are NOT independent: {len(leaking)} of {n} checked sample{'s' if n != 1 else ''} "
+        f"Samples are NOT independent: {len(report.alone)} of {n} checked sample{'s' if n != 1 else ''} "
         "give a different output alone (a batch of one) than in the batch."
     )
 

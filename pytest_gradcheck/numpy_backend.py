@@ -23,8 +23,10 @@ which of their axes is the **batch axis** (axis 0 to start with). The batch axis
 is followed through ufuncs and operators, reductions, indexing (``x[:, None]``,
 ``x[i]``, slices, one index array), ``reshape``/``ravel``/``squeeze``/
 ``expand_dims``, ``transpose``/``.T``/``swapaxes``/``moveaxis``, ``@``/
-``np.matmul``, ``np.dot``, ``np.tensordot``, ``np.einsum`` and ``np.where``.
-Anything else returns untracked arrays, which are never flagged.
+``np.matmul``, ``np.dot``, ``np.tensordot``, ``np.einsum``, ``np.where``,
+``np.concatenate``/``np.hstack``/``np.stack``. Any other op (or
+``np.asarray``) loses the batch axis, and an operand without a known batch axis
+never triggers a flag: where the tracking cannot follow, it stays silent.
 
 An elementwise op (a ufunc such as ``-`` or ``*``, or ``np.where``) is flagged
 when both hold:
@@ -54,18 +56,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _tracking
 from . import broadcast as _bc
 from ._options import check_tolerance, validate_options
-from .errors import BroadcastError, BroadcastWarning, GradCheckError, GradEquivError, InvalidArgument
+from .errors import BroadcastError, GradCheckError, GradEquivError, InvalidArgument
 from .report import GradEquivReport
 from .verdict import MAX_PER_SAMPLE_ENTRIES, run_check
 
@@ -196,7 +198,7 @@ def assert_gradequiv_numpy(
     problem.add_notes(report)
     _tracking.record(report)
     if report.broadcasts:
-        _emit_broadcast(report, opts["broadcast"])
+        _bc.emit_after_check(report, opts["broadcast"], where="grad_fn")
     return report
 
 
@@ -394,7 +396,10 @@ def _check_param(a: Any, label: str) -> np.ndarray:
 
 def _as_gradient(g: Any, label: str, param: np.ndarray, where: str) -> np.ndarray:
     if g is None:
-        raise InvalidArgument(f"grad_fn returned None as the gradient of {label} ({where}): return an array of zeros if it does not depend on the loss")
+        raise InvalidArgument(
+            f"grad_fn returned None as the gradient of {label} ({where}): return an array of zeros "
+            "if the loss does not depend on it"
+        )
     try:
         arr = np.asarray(g)
     except Exception as exc:  # a ragged list
@@ -516,7 +521,10 @@ def _same_bytes(a: np.ndarray, saved: np.ndarray) -> bool:
 
 @contextlib.contextmanager
 def _left_as_found(p: _Params, xs: _Arrays, ys: Optional[_Arrays], who: str) -> Iterator[None]:
-    """Snapshot the caller's arrays; on exit (pass or fail) restore any that changed, and say so."""
+    """Snapshot the caller's arrays and the global RNGs; on exit (pass or fail) restore them.
+
+    Arrays that changed are named in an :class:`InvalidArgument`.
+    """
     __tracebackhide__ = True
     watched: list[tuple[str, np.ndarray, np.ndarray]] = [
         (label, a, a.copy()) for label, a in zip(p.labels, p.arrays)
@@ -524,9 +532,12 @@ def _left_as_found(p: _Params, xs: _Arrays, ys: Optional[_Arrays], who: str) -> 
     for group in (xs, ys):
         if group is not None:
             watched += [(group.label(i), a, a.copy()) for i, a in enumerate(group.arrays)]
+    np_rng, py_rng = np.random.get_state(), random.getstate()
     try:
         yield
     finally:
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
         changed = []
         for label, a, saved in watched:
             if not _same_bytes(a, saved):
@@ -578,6 +589,7 @@ class _NumpyProblem:
         self._samples: dict[bool, list[dict[str, np.ndarray]]] = {}
         self._losses: dict[bool, tuple[float, np.ndarray]] = {}
         self.modified: dict[str, None] = {}  # labels of the copies grad_fn wrote into (ordered set)
+        self.random_draws = False  # grad_fn drew from np.random's global generator
 
     # -- calls ---------------------------------------------------------------------------------
     def _arguments(self, float64: bool, index: Optional[int], track: bool) -> tuple[list[np.ndarray], Any, Any, Any]:
@@ -612,6 +624,18 @@ class _NumpyProblem:
         )
         track = index is None and not float64 and self.watch_broadcast
         p_arrays, p, x, y = self._arguments(float64, index, track)
+        rng_before = _rng_fingerprint()
+        try:
+            return self._call_checked(float64, index, track, where, p_arrays, p, x, y)
+        finally:
+            if _rng_fingerprint() != rng_before:
+                self.random_draws = True
+
+    def _call_checked(
+        self, float64: bool, index: Optional[int], track: bool, where: str,
+        p_arrays: list[np.ndarray], p: Any, x: Any, y: Any,
+    ) -> dict[str, np.ndarray]:
+        __tracebackhide__ = True
         if not track:
             if index is None:
                 out = self.grad_fn(p, x, y)
@@ -629,9 +653,8 @@ class _NumpyProblem:
                     ) from exc
             self._note_modified(p_arrays, float64)
             return self.params.collect(out, where)
-        records: list[Any] = []
         try:
-            with _watching(records):
+            with _bc.recording(torch_ops=False) as records:
                 out = self.grad_fn(p, x, y)
         except GradCheckError:
             raise
@@ -653,20 +676,16 @@ class _NumpyProblem:
                 raise BroadcastError(_broken_by_broadcast(recs, str(exc)), recs) from exc
             raise
 
-    def _per_sample(self, float64: bool) -> Iterator[dict[str, np.ndarray]]:
+    def _per_sample(self, float64: bool) -> Iterable[dict[str, np.ndarray]]:
+        """The B per-sample gradients: kept in memory when small, else recomputed on demand."""
         cached = self._samples.get(float64)
         if cached is not None:
-            yield from cached
-            return
-        keep = self.batch_size * self.n_entries <= _CACHE_ENTRIES
-        kept: list[dict[str, np.ndarray]] = []
-        for i in range(self.batch_size):
-            g = self._call(float64, i)
-            if keep:
-                kept.append(g)
-            yield g
-        if keep:
-            self._samples[float64] = kept
+            return cached
+        if self.batch_size * self.n_entries > _CACHE_ENTRIES:
+            return (self._call(float64, i) for i in range(self.batch_size))
+        kept = [self._call(float64, i) for i in range(self.batch_size)]
+        self._samples[float64] = kept
+        return kept
 
     # -- GradientProblem -------------------------------------------------------------------------
     def batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
@@ -712,17 +731,31 @@ class _NumpyProblem:
     # -- report ----------------------------------------------------------------------------------
     def add_notes(self, report: GradEquivReport) -> bool:
         """Add what the report should say about this run; True when something was added."""
-        if not self.modified:
-            return False
-        note = (
-            f"grad_fn wrote into the params it was given ({', '.join(self.modified)}); every call got "
-            "fresh copies, so the check is unaffected and your arrays are as they were. If grad_fn "
-            "also applies the update, move the update out of it."
-        )
-        if note in report.notes:
-            return False
-        report.notes.append(note)
-        return True
+        notes = []
+        if self.random_draws and not report.passed:
+            notes.append(
+                "grad_fn draws from NumPy's global random generator (dropout? noise?): the batch "
+                "call and the per-sample calls drew different numbers, which alone makes their "
+                "gradients differ. Make grad_fn deterministic for the check (pass the dropout mask "
+                "or the noise in as an input, or switch dropout off)."
+            )
+        if self.modified:
+            notes.append(
+                f"grad_fn wrote into the params it was given ({', '.join(self.modified)}); every call "
+                "got fresh copies, so the check is unaffected and your arrays are as they were. If "
+                "grad_fn also applies the update, move the update out of it."
+            )
+        added = False
+        for note in notes:
+            if note not in report.notes:
+                report.notes.append(note)
+                added = True
+        return added
+
+
+def _rng_fingerprint() -> tuple[Any, ...]:
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return (int(pos), int(has_gauss), float(gauss), key.tobytes())
 
 
 def _as_loss(value: Any, where: str) -> float:
@@ -747,22 +780,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 # =========================================================================== broadcasts
-
-
-@contextlib.contextmanager
-def _watching(records: list) -> Iterator[None]:
-    """A record-only guard of :mod:`pytest_gradcheck.broadcast` around the tracked batch call.
-
-    It joins that module's per-thread guard stack, so :func:`~pytest_gradcheck.allow_broadcast`
-    silences it and the user's own ``no_implicit_broadcast`` guards see the same ops,
-    without entering a torch function mode (this module never imports torch).
-    """
-    guard = _bc._Guard("record", records)
-    _bc._guards().append(guard)
-    try:
-        yield
-    finally:
-        _bc._remove_guard(guard)
 
 
 _VIEW_AS = re.compile(r"\.view_as\(([^()]*)\)")
@@ -806,40 +823,15 @@ def _broken_by_broadcast(records: Sequence[Any], what: str) -> str:
     return "\n".join(lines)
 
 
-def _emit_broadcast(report: GradEquivReport, mode: str) -> None:
-    """Warn about, or fail on, the broadcasts of a check whose gradients agree.
-
-    The NumPy twin of ``engine._emit_broadcast``: that one lives in a module that
-    imports torch, so it cannot be shared from here until it moves to a torch-free
-    module.
-    """
-    __tracebackhide__ = True
-    records = list(report.broadcasts)
-    if mode == "error":
-        lines = [
-            "implicit broadcast in grad_fn (broadcast='error'): "
-            f"{len(records)} op{'s' if len(records) != 1 else ''} paired samples with each other."
-        ]
-        lines += ["  " + r.message() for r in records]
-        lines.append(
-            "Give predictions and targets the same shape, or wrap an intended pairwise term in "
-            "pytest_gradcheck.allow_broadcast()."
-        )
-        lines.append("")
-        lines.append(str(report))
-        raise BroadcastError("\n".join(lines), records)
-    if mode == "warn":
-        for r in records:
-            warnings.warn_explicit(
-                r.message() + " (the gradients agree here, but grad_fn broadcasts samples against "
-                "each other; this usually breaks at other batch sizes)",
-                BroadcastWarning,
-                r.filename,
-                r.lineno,
-            )
-
-
 # --------------------------------------------------------------------------- batch-axis tracking
+
+
+def _safe(fn: Callable[..., Optional[int]], *args: Any) -> Optional[int]:
+    """``fn(*args)``, or "lost" if the bookkeeping fails on a form it does not know."""
+    try:
+        return fn(*args)
+    except Exception:
+        return _LOST
 
 
 def _track(a: np.ndarray, batch: Optional[int]) -> "TrackedArray":
@@ -1086,6 +1078,35 @@ def _index_batch(b: int, ndim: int, index: Any) -> Optional[int]:
     return _LOST
 
 
+def _transposed_batch(b: Optional[int], ndim: int, axes: tuple[Any, ...]) -> Optional[int]:
+    if b is None or b == _LOST:
+        return b
+    if not axes or axes == (None,):
+        perm = tuple(range(ndim))[::-1]
+    elif len(axes) == 1 and not isinstance(axes[0], (int, np.integer)):
+        perm = tuple(int(a) for a in axes[0])
+    else:
+        perm = tuple(int(a) for a in axes)
+    return tuple(_norm_axis(a, ndim) for a in perm).index(b)
+
+
+def _swapped_batch(b: Optional[int], ndim: int, axis1: Any, axis2: Any) -> Optional[int]:
+    if b is None or b == _LOST:
+        return b
+    a1, a2 = _norm_axis(int(axis1), ndim), _norm_axis(int(axis2), ndim)
+    return a2 if b == a1 else a1 if b == a2 else b
+
+
+def _squeezed_batch(b: Optional[int], shape: tuple[int, ...], axis: Any) -> Optional[int]:
+    if b is None or b == _LOST:
+        return b
+    if axis is None:
+        removed = [i for i, d in enumerate(shape) if d == 1]
+    else:
+        removed = [_norm_axis(int(a), len(shape)) for a in (axis if np.ndim(axis) else (axis,))]
+    return None if b in removed else b - sum(1 for a in removed if a < b)
+
+
 def _reshape_batch(src: "TrackedArray", shape: Sequence[int], order: str = "C") -> Optional[int]:
     b = src._gc_batch
     if b is None or b == _LOST:
@@ -1149,31 +1170,35 @@ class TrackedArray(np.ndarray):
             kwargs["where"] = _unwrap(kwargs["where"])
         raw = [_unwrap(x) for x in inputs]
         batch: Optional[int] = None
-        if method == "__call__":
-            if ufunc.signature is None:
+        if method == "__call__" and ufunc.signature is None:
+            try:
                 out_ndim = max((np.ndim(x) for x in inputs), default=0)
                 placed, lost = _elementwise(inputs, out_ndim)
-                if len(inputs) >= 2:
-                    _check_pairing(ufunc.__name__, inputs, placed)
-                batch = _combine(placed, lost)
-                result = ufunc(*raw, **kwargs)
-            else:
-                result = ufunc(*raw, **kwargs)
-                if ufunc is np.matmul and len(inputs) == 2:
-                    batch = _matmul_batch(inputs[0], inputs[1], np.ndim(result))
-                elif any(_batch(x) is not None for x in inputs):
-                    batch = _LOST
-        elif method in ("reduce", "accumulate"):
+            except Exception:  # bookkeeping must never break the user's computation
+                placed, lost = [], True
+            if len(inputs) >= 2:
+                _check_pairing(ufunc.__name__, inputs, placed)
+            batch = _combine(placed, lost)
+            result = ufunc(*raw, **kwargs)
+        else:
             result = getattr(ufunc, method)(*raw, **kwargs)
-            batch = self._reduced_batch(inputs[0], method, kwargs)
-        else:  # reduceat, outer, at
-            result = getattr(ufunc, method)(*raw, **kwargs)
-            batch = _LOST if any(_batch(x) is not None for x in inputs) else None
-        if out is not None:
+            batch = _safe(self._other_batch, ufunc, method, inputs, kwargs, result)
+        if out is not None and all(o is not None for o in out):
             return out[0] if len(out) == 1 else tuple(out)
         if isinstance(result, tuple):
             return tuple(_wrap(r, batch) for r in result)
         return _wrap(result, batch)
+
+    @staticmethod
+    def _other_batch(
+        ufunc: np.ufunc, method: str, inputs: Sequence[Any], kwargs: Mapping[str, Any], result: Any
+    ) -> Optional[int]:
+        if method == "__call__" and ufunc is np.matmul and len(inputs) == 2:
+            return _matmul_batch(inputs[0], inputs[1], np.ndim(result))
+        if method in ("reduce", "accumulate"):
+            return TrackedArray._reduced_batch(inputs[0], method, kwargs)
+        # other gufuncs, reduceat, outer, at
+        return _LOST if any(_batch(x) is not None for x in inputs) else None
 
     @staticmethod
     def _reduced_batch(x: Any, method: str, kwargs: Mapping[str, Any]) -> Optional[int]:
@@ -1217,29 +1242,19 @@ class TrackedArray(np.ndarray):
 
     def reshape(self, *shape: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         result = super().reshape(*shape, **kwargs)
-        return _wrap(result, _reshape_batch(self, result.shape, kwargs.get("order", "C")))
+        return _wrap(result, _safe(_reshape_batch, self, result.shape, kwargs.get("order", "C")))
 
     def ravel(self, order: Any = "C") -> Any:  # type: ignore[override]
         result = super().ravel(order)
-        return _wrap(result, _reshape_batch(self, result.shape, order or "C"))
+        return _wrap(result, _safe(_reshape_batch, self, result.shape, order or "C"))
 
     def flatten(self, order: Any = "C") -> Any:  # type: ignore[override]
         result = super().flatten(order)
-        return _wrap(result, _reshape_batch(self, result.shape, order or "C"))
+        return _wrap(result, _safe(_reshape_batch, self, result.shape, order or "C"))
 
     def transpose(self, *axes: Any) -> Any:  # type: ignore[override]
         result = super().transpose(*axes)
-        b = self._gc_batch
-        if b is None or b == _LOST:
-            return _wrap(result, b)
-        if not axes or axes == (None,):
-            perm = tuple(range(self.ndim))[::-1]
-        elif len(axes) == 1 and not isinstance(axes[0], (int, np.integer)):
-            perm = tuple(int(a) for a in axes[0])
-        else:
-            perm = tuple(int(a) for a in axes)
-        perm = tuple(_norm_axis(a, self.ndim) for a in perm)
-        return _wrap(result, perm.index(b))
+        return _wrap(result, _safe(_transposed_batch, self._gc_batch, self.ndim, axes))
 
     @property
     def T(self) -> Any:  # type: ignore[override]
@@ -1253,22 +1268,11 @@ class TrackedArray(np.ndarray):
 
     def swapaxes(self, axis1: Any, axis2: Any) -> Any:  # type: ignore[override]
         result = super().swapaxes(axis1, axis2)
-        b = self._gc_batch
-        if b is not None and b != _LOST:
-            a1, a2 = _norm_axis(int(axis1), self.ndim), _norm_axis(int(axis2), self.ndim)
-            b = a2 if b == a1 else a1 if b == a2 else b
-        return _wrap(result, b)
+        return _wrap(result, _safe(_swapped_batch, self._gc_batch, self.ndim, axis1, axis2))
 
     def squeeze(self, axis: Any = None) -> Any:  # type: ignore[override]
         result = super().squeeze(axis)
-        b = self._gc_batch
-        if b is not None and b != _LOST:
-            if axis is None:
-                removed = [i for i, d in enumerate(self.shape) if d == 1]
-            else:
-                removed = [_norm_axis(int(a), self.ndim) for a in (axis if np.ndim(axis) else (axis,))]
-            b = None if b in removed else b - sum(1 for a in removed if a < b)
-        return _wrap(result, b)
+        return _wrap(result, _safe(_squeezed_batch, self._gc_batch, self.shape, axis))
 
     def dot(self, b: Any, out: Any = None) -> Any:  # type: ignore[override]
         return _dot(self, b, out=out)
@@ -1278,12 +1282,12 @@ def _dot(a: Any, b: Any, out: Any = None) -> Any:
     result = np.dot(_unwrap(a), _unwrap(b), out=_unwrap(out))
     if out is not None:
         return out
-    return _wrap(result, _dot_batch(a, b, np.ndim(result)))
+    return _wrap(result, _safe(_dot_batch, a, b, np.ndim(result)))
 
 
 def _tensordot(a: Any, b: Any, axes: Any = 2) -> Any:
     result = np.tensordot(_unwrap(a), _unwrap(b), axes=_unwrap(axes))
-    return _wrap(result, _tensordot_batch(a, b, axes))
+    return _wrap(result, _safe(_tensordot_batch, a, b, axes))
 
 
 def _einsum(*operands: Any, **kwargs: Any) -> Any:
@@ -1292,7 +1296,7 @@ def _einsum(*operands: Any, **kwargs: Any) -> Any:
     if out is not None:
         return out
     if operands and isinstance(operands[0], str):
-        return _wrap(result, _einsum_batch(operands[0], operands[1:], np.ndim(result)))
+        return _wrap(result, _safe(_einsum_batch, operands[0], operands[1:], np.ndim(result)))
     return _wrap(result, _LOST if any(_batch(x) is not None for x in operands) else None)
 
 
@@ -1301,10 +1305,49 @@ def _where(condition: Any, *xy: Any) -> Any:
     if len(xy) != 2:
         return np.where(_unwrap(condition), *_unwrap(xy))
     operands = (condition, *xy)
-    out_ndim = max(np.ndim(x) for x in operands)
-    placed, lost = _elementwise(operands, out_ndim)
+    try:
+        placed, lost = _elementwise(operands, max(np.ndim(x) for x in operands))
+    except Exception:  # bookkeeping must never break the user's computation
+        placed, lost = [], True
     _check_pairing("where", operands, placed)
     return _wrap(np.where(*_unwrap(operands)), _combine(placed, lost))
+
+
+def _joined_batch(arrays: Sequence[Any], axis: Optional[int], new_axis: bool) -> Optional[int]:
+    """The batch axis of ``concatenate``/``stack`` of ``arrays`` along ``axis``."""
+    batches = [_batch(a) for a in arrays]
+    known = {b for b in batches if b is not None}
+    if not known:
+        return None
+    if _LOST in known or len(known) > 1 or axis is None:
+        return _LOST
+    b = known.pop()
+    ndim = np.ndim(arrays[0]) + (1 if new_axis else 0)
+    ax = _norm_axis(int(axis), ndim)
+    if new_axis:
+        return b if b < ax else b + 1
+    return _LOST if ax == b else b  # joining along the batch axis mixes samples
+
+
+def _concatenate(arrays: Sequence[Any], axis: Optional[int] = 0, **kwargs: Any) -> Any:
+    result = np.concatenate(_unwrap(list(arrays)), axis, **_unwrap(kwargs))
+    if kwargs.get("out") is not None:
+        return kwargs["out"]
+    return _wrap(result, _safe(_joined_batch, list(arrays), axis, False))
+
+
+def _hstack(arrays: Sequence[Any], **kwargs: Any) -> Any:
+    arrays = list(arrays)
+    result = np.hstack(_unwrap(arrays), **kwargs)
+    return _wrap(result, _safe(_joined_batch, arrays, 0 if np.ndim(arrays[0]) == 1 else 1, False))
+
+
+def _stack(arrays: Sequence[Any], axis: int = 0, **kwargs: Any) -> Any:
+    arrays = list(arrays)
+    result = np.stack(_unwrap(arrays), axis, **_unwrap(kwargs))
+    if kwargs.get("out") is not None:
+        return kwargs["out"]
+    return _wrap(result, _safe(_joined_batch, arrays, axis, True))
 
 
 _FUNCTIONS: dict[Any, Callable[..., Any]] = {
@@ -1312,6 +1355,9 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     np.tensordot: _tensordot,
     np.einsum: _einsum,
     np.where: _where,
+    np.concatenate: _concatenate,
+    np.hstack: _hstack,
+    np.stack: _stack,
 }
 
 # Functions whose NumPy implementation calls the array's own methods and ufuncs,
@@ -1362,6 +1408,7 @@ class FDParam:
     ratio: float
     worst: tuple[FDEntry, ...]
     scale_fits: bool = False  # analytic == ratio * numeric within the tolerance
+    loss_flat: bool = False  # the loss did not move at any checked coordinate
 
     @property
     def passed(self) -> bool:
@@ -1411,7 +1458,8 @@ class FiniteDifferenceReport:
         """The one-line verdict."""
         n = len(self.params)
         if self.passed:
-            return f"Analytic gradients match central finite differences ({n} parameter{'s' if n != 1 else ''}, float64)."
+            plural = "s" if n != 1 else ""
+            return f"Analytic gradients match central finite differences ({n} parameter{plural}, float64)."
         bad = self.failing
         names = ", ".join(p.name for p in bad[:4]) + (", ..." if len(bad) > 4 else "")
         return (
@@ -1467,7 +1515,18 @@ def _fd_causes(report: FiniteDifferenceReport) -> tuple[list[str], list[str]]:
             f"the analytic gradient of {names} is {txt} times the numerical one{extra}; "
             "the directions agree, only the scale is off."
         )
-        advice.append("make grad_fn and loss_fn agree on the scale of the loss (mean or sum over the batch, constant factors).")
+        advice.append(
+            "make grad_fn and loss_fn agree on the scale of the loss (mean or sum over the batch, "
+            "constant factors)."
+        )
+    elif bad and all(p.loss_flat for p in bad):
+        names = ", ".join(p.name for p in bad)
+        causes.append(
+            f"loss_fn does not change when {names} change{'s' if len(bad) == 1 else ''}: it ignores "
+            "the params it is given (does it read a global or captured array?), or the parameter "
+            "does not enter the loss."
+        )
+        advice.append("compute the loss from the params argument, as grad_fn does.")
     elif bad:
         names = ", ".join(p.name for p in bad)
         causes.append(
@@ -1633,7 +1692,7 @@ def _finite_differences(
         rows.append(
             FDParam(
                 name, tuple(arr.shape), int(coords.size), int(arr.size), max_abs,
-                max_abs / scale if scale > 0 else 0.0, allowed, ratio, worst, fits,
+                max_abs / scale if scale > 0 else 0.0, allowed, ratio, worst, fits, not np.any(num),
             )
         )  # fmt: skip
     b = int(xs.arrays[0].shape[0]) if xs.arrays[0].ndim else None

@@ -300,7 +300,8 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
         if f.kind == "broadcast":
             for rec in f.records[:3]:
                 loc = rec.location() if hasattr(rec, "location") else "?"
-                lines.append(f"implicit broadcast in the loss at {loc}:")
+                where = "grad_fn" if report.backend == "numpy" else "the loss"
+                lines.append(f"implicit broadcast in {where} at {loc}:")
                 lines.append(f"    {rec.describe() if hasattr(rec, 'describe') else rec}")
                 if getattr(rec, "code", None):
                     lines.append(f"    > {rec.code}")

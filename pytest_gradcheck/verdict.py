@@ -239,13 +239,16 @@ def diagnose(
     n_entries = int(rv.size)
     if n_entries <= b:
         if not findings:
+            if n_entries > 2:
+                hint = f"re-run with at most {n_entries - 1} samples for a diagnosis."
+            else:
+                hint = "check a model with more parameters (or fewer samples) for a diagnosis."
             findings.append(
                 Finding(
                     "unidentifiable",
                     label=(
                         f"the model has {n_entries} gradient entries for {b} samples, too few to "
-                        "tell how the batch gradient weights each sample; re-run with a batch "
-                        f"smaller than {n_entries} for a diagnosis."
+                        f"tell how the batch gradient weights each sample; {hint}"
                     ),
                 )
             )

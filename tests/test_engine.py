@@ -546,3 +546,20 @@ def test_cuda_model_passes_and_catches_the_sum_bug() -> None:
     assert report.passed and report.device.startswith("cuda")
     with pytest.raises(GradEquivError, match="SUM"):
         assert_gradequiv(model, sum_mse, x, y)
+
+
+def test_unidentifiable_weights_never_ask_for_an_impossible_batch() -> None:
+    # Regression: with 2 gradient entries and B=2 the report asked for "a batch smaller than 2".
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * (1.0 + x.sum() - x)  # sample i's output depends on sample j
+
+    with pytest.raises(GradEquivError) as info:
+        assert_gradequiv(Scaled(), F.mse_loss, torch.randn(2, 1), torch.randn(2, 1), broadcast="off")
+    text = str(info.value)
+    assert "smaller than 2" not in text and "smaller than 1" not in text
+    assert "too few" in text
