@@ -67,6 +67,36 @@ def check_bool(value: Any, name: str, source: str = "argument") -> bool:
     raise InvalidArgument(f"Invalid {name}={value!r} from {source}: expected True or False")
 
 
+def check_batch_sizes(sizes: "list[tuple[str, int]]", *, axis: str = "dim 0", min_size: int = 2) -> int:
+    """The common batch size of ``sizes`` (``[(description, size), ...]``), or a clear error.
+
+    Shared by every backend: sizes that disagree, an empty batch, and a batch
+    smaller than ``min_size`` (a batch of one hides every cross-sample bug) are
+    refused, naming the tensors.
+
+    >>> check_batch_sizes([("inputs (shape (4, 2))", 4), ("targets (shape (4,))", 4)])
+    4
+    """
+    if not sizes:
+        raise InvalidArgument("the batch holds no tensor or array: nothing to split into samples")
+    first, b = sizes[0]
+    for desc, n in sizes[1:]:
+        if n != b:
+            raise InvalidArgument(
+                f"batch sizes disagree: {first} has {b} samples but {desc} has {n}; "
+                f"every tensor must carry the same batch on {axis}"
+            )
+    if b == 0:
+        raise InvalidArgument(f"empty batch: {first} has no samples")
+    if b < min_size:
+        raise InvalidArgument(
+            f"batch size {b} ({first}): a batch of one hides every cross-sample bug "
+            "(a (1, 1) - (1,) broadcast is harmless and the mean equals the sum); "
+            f"use at least {min_size} samples"
+        )
+    return b
+
+
 def validate_options(options: Mapping[str, Any], source: str = "argument") -> dict[str, Any]:
     """Validate a mapping of check options; unknown names are rejected.
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _tracking
-from ._options import validate_options
+from ._options import check_batch_sizes, validate_options
 from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
 from .report import GradEquivReport
 from .verdict import run_check
@@ -288,23 +288,7 @@ def _batch_size(batch: Any, allow_non_tensor: bool) -> int:
             sizes.append((_describe_leaf(path, leaf), int(leaf.shape[0])))
         elif not allow_non_tensor:
             raise InvalidArgument(f"{path} is a {type(leaf).__name__}, not a tensor")
-    if not sizes:
-        raise InvalidArgument("the batch holds no tensor: nothing to split into samples")
-    first_desc, b = sizes[0]
-    for desc, n in sizes[1:]:
-        if n != b:
-            raise InvalidArgument(
-                f"batch sizes disagree: {first_desc} has {b} samples but {desc} has {n}; "
-                "every tensor must carry the same batch on dim 0"
-            )
-    if b == 0:
-        raise InvalidArgument(f"empty batch: {first_desc} has no samples")
-    if b == 1:
-        raise InvalidArgument(
-            f"batch size 1 ({first_desc}): a batch of one hides every cross-sample bug "
-            "(a (1, 1) - (1,) broadcast is harmless and the mean equals the sum); use at least 2 samples"
-        )
-    return b
+    return check_batch_sizes(sizes)
 
 
 def _leaf_paths(batch: Any) -> list[str]:

@@ -66,7 +66,7 @@ import numpy as np
 
 from . import _tracking
 from . import broadcast as _bc
-from ._options import check_tolerance, validate_options
+from ._options import check_batch_sizes, check_tolerance, validate_options
 from .errors import BroadcastError, GradCheckError, GradEquivError, InvalidArgument
 from .report import GradEquivReport
 from .verdict import MAX_PER_SAMPLE_ENTRIES, run_check
@@ -458,21 +458,7 @@ def _batch_size(xs: _Arrays, ys: Optional[_Arrays]) -> int:
             if a.ndim == 0:
                 raise InvalidArgument(f"{group.label(i)} is a 0-d array: every array needs the batch on axis 0")
             sizes.append((f"{group.label(i)} (shape {tuple(a.shape)})", int(a.shape[0])))
-    first, b = sizes[0]
-    for desc, n in sizes[1:]:
-        if n != b:
-            raise InvalidArgument(
-                f"batch sizes disagree: {first} has {b} samples but {desc} has {n}; every array of "
-                "inputs and targets must carry the same batch on axis 0"
-            )
-    if b == 0:
-        raise InvalidArgument(f"empty batch: {first} has no samples")
-    if b == 1:
-        raise InvalidArgument(
-            f"batch size 1 ({first}): a batch of one hides every cross-sample bug (a (1, 1) - (1,) "
-            "broadcast is harmless and the mean equals the sum); use at least 2 samples"
-        )
-    return b
+    return check_batch_sizes(sizes, axis="axis 0")
 
 
 def _copy(a: np.ndarray, float64: bool) -> np.ndarray:
