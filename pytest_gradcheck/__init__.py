@@ -30,7 +30,10 @@ _EXPORTS: dict[str, str] = {
     "assert_gradequiv_numpy": "numpy_backend",
     "assert_grad_numpy": "numpy_backend",
     "assert_batch_independent": "independence",
+    "BatchLeakError": "independence",
+    "BatchIndependenceReport": "independence",
     "assert_accumulation_equiv": "accumulation",
+    "assert_accumulation_equiv_step": "accumulation",
     "fuzz_gradequiv": "fuzz",
     "assert_ddp_equiv": "ddp",
 }
@@ -40,7 +43,7 @@ __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import strategies
-    from .accumulation import assert_accumulation_equiv
+    from .accumulation import assert_accumulation_equiv, assert_accumulation_equiv_step
     from .broadcast import allow_broadcast, no_implicit_broadcast
     from .ddp import assert_ddp_equiv
     from .engine import assert_gradequiv, assert_gradequiv_step
@@ -53,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         UnsupportedModelError,
     )
     from .fuzz import fuzz_gradequiv
-    from .independence import assert_batch_independent
+    from .independence import BatchIndependenceReport, BatchLeakError, assert_batch_independent
     from .numpy_backend import assert_grad_numpy, assert_gradequiv_numpy
     from .report import GradEquivReport
 

@@ -21,6 +21,7 @@ micro-batch is short.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -28,13 +29,12 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _tracking
-from ._options import validate_options
+from ._options import check_batch_sizes, validate_options
 from .engine import (
     _as_scalar_loss,
     _as_tensor_tuple,
     _batch_size,
     _check_model,
-    _emit_broadcast,
     _first_line,
     _leaf_paths,
     _loss_guard,
@@ -110,7 +110,7 @@ def assert_accumulation_equiv(
     ...     assert_accumulation_equiv(model, F.mse_loss, x, y, micro_batches=4, weights=[1, 1, 1, 1])
     ... except GradEquivError as err:
     ...     print(err.report.would_match)
-    their number of samples-weighted mean
+    mean weighted by their number of samples
     """
     __tracebackhide__ = True
     opts = validate_options(
@@ -137,8 +137,6 @@ def assert_accumulation_equiv(
     def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
         fn = loss_fn
         if float64 and isinstance(loss_fn, torch.nn.Module):
-            import copy
-
             fn = copy.deepcopy(loss_fn).to(torch.float64)
 
         def step(m: torch.nn.Module, batch: Any) -> Any:
@@ -345,26 +343,10 @@ def _count_candidates(sizes: Sequence[int]) -> list[tuple[str, np.ndarray]]:
 
 
 def _named_batch_size(named: Sequence[tuple[str, torch.Tensor]]) -> int:
-    first_name, first = named[0]
     for name, t in named:
         if t.dim() == 0:
             raise InvalidArgument(f"{name} is a 0-d tensor: every tensor needs the batch on dim 0")
-    b = int(first.shape[0])
-    for name, t in named[1:]:
-        if int(t.shape[0]) != b:
-            raise InvalidArgument(
-                f"batch sizes disagree: {first_name} (shape {tuple(first.shape)}) has {b} samples but "
-                f"{name} (shape {tuple(t.shape)}) has {int(t.shape[0])}; every tensor must carry the "
-                "same batch on dim 0"
-            )
-    if b == 0:
-        raise InvalidArgument(f"empty batch: {first_name} has no samples")
-    if b == 1:
-        raise InvalidArgument(
-            f"batch size 1 ({first_name}): one sample cannot be split into micro-batches; use at "
-            "least 2 samples"
-        )
-    return b
+    return check_batch_sizes([(f"{name} (shape {tuple(t.shape)})", int(t.shape[0])) for name, t in named])
 
 
 def _resolve_weights(
@@ -456,7 +438,9 @@ def _run(
         problem.release()
     _tracking.record(report)
     if report.broadcasts:
-        _emit_broadcast(report, opts["broadcast"])
+        from .broadcast import emit_after_check
+
+        emit_after_check(report, opts["broadcast"], where="the loss")
     return report
 
 
@@ -569,7 +553,9 @@ class _MicroBatchProblem(_TorchProblem):
             batch = self._batch(float64)
             losses = [self._micro_loss(state, batch, step, k) for k in range(self.batch_size)]
             c = torch.as_tensor(coeffs, dtype=losses[0].dtype, device=losses[0].device)
-            total = sum((loss * c[k] for k, loss in enumerate(losses)), torch.zeros((), dtype=losses[0].dtype, device=losses[0].device))
+            total = losses[0] * c[0]
+            for k in range(1, len(losses)):
+                total = total + losses[k] * c[k]
             grads = torch.autograd.grad(total, params, allow_unused=True)
         self._keep_losses(torch.stack([loss.detach() for loss in losses]))
         return self._to_numpy(grads, params)

@@ -43,8 +43,9 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ from .errors import GradCheckError, GradEquivError, InvalidArgument
 from .report import Finding, GradEquivReport
 from .verdict import compare_gradients, default_tolerances, run_check
 
-__all__ = ["assert_ddp_equiv", "DDPTimeoutError", "DDPWorkerError"]
+__all__ = ["DDPTimeoutError", "DDPWorkerError", "assert_ddp_equiv"]
 
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -66,7 +67,12 @@ _LOOPBACK = "127.0.0.1"
 #: Modules the forkserver imports once, so that a rank starts in milliseconds, not seconds
 #: (DDP's constructor alone imports torch._dynamo).
 _PRELOAD = (
-    "torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo", "numpy", "pytest_gradcheck.ddp",
+    "torch",
+    "torch.distributed",
+    "torch.nn.parallel",
+    "torch._dynamo",
+    "numpy",
+    "pytest_gradcheck.ddp",
 )
 #: Seconds a rank that has sent its results gets to exit on its own before it is stopped.
 _EXIT_GRACE = 10.0
@@ -104,21 +110,21 @@ class DDPWorkerError(GradCheckError, RuntimeError):
 
 def assert_ddp_equiv(
     make_model: Callable[[], torch.nn.Module],
-    loss_fn: Optional[Callable[..., torch.Tensor]],
+    loss_fn: Callable[..., torch.Tensor] | None,
     inputs: Any,
-    targets: Optional[TensorOrTuple] = None,
+    targets: TensorOrTuple | None = None,
     *,
     world_size: int = 2,
     backend: str = "gloo",
-    shards: Optional[Sequence[Sequence[int]]] = None,
+    shards: Sequence[Sequence[int]] | None = None,
     sampler: bool = False,
     micro_batches: int = 1,
     reduction: str = "mean",
-    rtol: Optional[float] = None,
-    atol: Optional[float] = None,
+    rtol: float | None = None,
+    atol: float | None = None,
     timeout: float = 60.0,
-    step_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
-    ddp_options: Optional[Mapping[str, Any]] = None,
+    step_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
+    ddp_options: Mapping[str, Any] | None = None,
     float64_recheck: bool = True,
     start_method: str = "auto",
 ) -> GradEquivReport:
@@ -147,10 +153,18 @@ def assert_ddp_equiv(
     with the batch on dim 0); it returns the loss, or a mapping with a
     ``"loss"`` entry.
 
-    The ranks run with no process group in this process: the reference and the
-    diagnosis call ``loss_fn``/``step_fn`` here, where
-    ``torch.distributed.is_initialized()`` is False, so a loss that normalises
-    by a global count must guard its collectives with it (see the example).
+    The reference and the diagnosis call ``loss_fn``/``step_fn`` in this
+    process, which has no process group (``torch.distributed.is_initialized()``
+    is False here): a loss that normalises by a global count must guard its
+    collectives with it (see ``examples/test_ddp.py``).
+
+    ``start_method``: ``"auto"`` (default) uses a *forkserver* where the
+    platform has one: it imports torch once per session and forks every rank
+    from it, ready to run (a spawned rank spends seconds importing torch);
+    ``"spawn"`` starts fresh interpreters. Both send the factories and the
+    batch by pickle, and both give the ranks this process's ``sys.path`` and
+    environment. ``ddp_options`` are passed to ``DistributedDataParallel``
+    (e.g. ``{"find_unused_parameters": True}``).
 
     ``make_model``, ``loss_fn`` and ``step_fn`` are sent to the spawned
     processes by pickle: module-level functions (a test module's are fine),
@@ -184,10 +198,22 @@ def assert_ddp_equiv(
     """
     __tracebackhide__ = True
     cfg = _Config.build(
-        make_model, loss_fn, inputs, targets,
-        world_size=world_size, backend=backend, shards=shards, sampler=sampler,
-        micro_batches=micro_batches, reduction=reduction, rtol=rtol, atol=atol, timeout=timeout,
-        step_fn=step_fn, ddp_options=ddp_options, float64_recheck=float64_recheck,
+        make_model,
+        loss_fn,
+        inputs,
+        targets,
+        world_size=world_size,
+        backend=backend,
+        shards=shards,
+        sampler=sampler,
+        micro_batches=micro_batches,
+        reduction=reduction,
+        rtol=rtol,
+        atol=atol,
+        timeout=timeout,
+        step_fn=step_fn,
+        ddp_options=ddp_options,
+        float64_recheck=float64_recheck,
         start_method=start_method,
     )
     ref = _Reference(cfg)
@@ -228,8 +254,8 @@ class _Step:
 
     def __init__(
         self,
-        loss_fn: Optional[Callable[..., Any]],
-        step_fn: Optional[Callable[[torch.nn.Module, Any], Any]],
+        loss_fn: Callable[..., Any] | None,
+        step_fn: Callable[[torch.nn.Module, Any], Any] | None,
         targets_mode: str,
     ) -> None:
         self.loss_fn = loss_fn
@@ -266,8 +292,8 @@ class _Config:
     repeated: tuple[int, ...]
     micro_batches: int
     reduction: str
-    rtol: Optional[float]
-    atol: Optional[float]
+    rtol: float | None
+    atol: float | None
     timeout: float
     ddp_options: dict[str, Any]
     float64_recheck: bool
@@ -295,7 +321,7 @@ class _Config:
         ddp_options: Any,
         float64_recheck: Any,
         start_method: Any,
-    ) -> "_Config":
+    ) -> _Config:
         self = cls()
         self.notes = []
         self.world_size = _check_int(world_size, "world_size", minimum=1)
@@ -309,7 +335,12 @@ class _Config:
         self.reduction = check_choice(reduction, "reduction", ("mean", "sum", "auto"))
         self.rtol = check_tolerance(rtol, "rtol")
         self.atol = check_tolerance(atol, "atol")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
             raise InvalidArgument(f"Invalid timeout={timeout!r}: expected a finite number of seconds > 0")
         self.timeout = float(timeout)
         sampler = check_bool(sampler, "sampler")
@@ -342,9 +373,7 @@ class _Config:
             allow_non_tensor = True
         else:
             if not callable(loss_fn):
-                raise InvalidArgument(
-                    f"loss_fn must be callable, got {type(loss_fn).__name__} (or pass step_fn=...)"
-                )
+                raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__} (or pass step_fn=...)")
             inputs_t = _tensor_tuple(inputs, "inputs")
             if targets is None:
                 targets_t: tuple[torch.Tensor, ...] = ()
@@ -362,9 +391,7 @@ class _Config:
             _check_picklable(step_fn, "step_fn", "a module-level function")
         self.make_model = make_model
         self.batch_size = _batch_size(self.batch, allow_non_tensor)
-        self.shards, self.shard_source, self.repeated = _plan_shards(
-            self.batch_size, self.world_size, shards, sampler
-        )
+        self.shards, self.shard_source, self.repeated = _plan_shards(self.batch_size, self.world_size, shards, sampler)
         for r, idx in enumerate(self.shards):
             if len(idx) < self.micro_batches:
                 raise InvalidArgument(
@@ -451,9 +478,7 @@ def _batch_size(batch: Any, allow_non_tensor: bool) -> int:
     return sizes[0]
 
 
-def _plan_shards(
-    b: int, world_size: int, shards: Any, sampler: bool
-) -> tuple[list[np.ndarray], str, tuple[int, ...]]:
+def _plan_shards(b: int, world_size: int, shards: Any, sampler: bool) -> tuple[list[np.ndarray], str, tuple[int, ...]]:
     if sampler and shards is not None:
         raise InvalidArgument("pass either shards=... or sampler=True, not both")
     repeated: tuple[int, ...] = ()
@@ -480,7 +505,9 @@ def _plan_shards(
         source = "contiguous split"
     else:
         if isinstance(shards, (str, bytes)) or not isinstance(shards, Sequence):
-            raise InvalidArgument(f"shards must be a sequence of index lists, one per rank, got {type(shards).__name__}")
+            raise InvalidArgument(
+                f"shards must be a sequence of index lists, one per rank, got {type(shards).__name__}"
+            )
         if len(shards) != world_size:
             raise InvalidArgument(
                 f"shards has {len(shards)} index list(s) but world_size={world_size}: give one per rank"
@@ -536,7 +563,7 @@ def _take(batch: Any, idx: np.ndarray) -> Any:
     return pytree.tree_map(take, batch)
 
 
-def _convert(batch: Any, float64: bool, device: Optional[torch.device] = None) -> Any:
+def _convert(batch: Any, float64: bool, device: torch.device | None = None) -> Any:
     def conv(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
@@ -663,7 +690,7 @@ class _Reference:
             self._models[float64] = copy.deepcopy(self.model).to(torch.float64)
         return self._models[float64]
 
-    def _grad(self, idx: Optional[np.ndarray], float64: bool) -> dict[str, np.ndarray]:
+    def _grad(self, idx: np.ndarray | None, float64: bool) -> dict[str, np.ndarray]:
         model = self._model(float64)
         batch = self.cfg.batch if idx is None else _take(self.cfg.batch, idx)
         saved = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -724,15 +751,15 @@ class _RankResult:
     def __init__(self, payload: Mapping[str, Any]) -> None:
         self.rank: int = payload["rank"]
         self.init_hash: str = payload["init_hash"]
-        self.init_state: Optional[bytes] = payload.get("init_state")
+        self.init_state: bytes | None = payload.get("init_state")
         self.grads: dict[str, np.ndarray] = payload["grads"]
         self.missing: list[str] = payload["missing"]
-        self.grads64: Optional[dict[str, np.ndarray]] = payload.get("grads64")
-        self.f64_error: Optional[str] = payload.get("f64_error")
+        self.grads64: dict[str, np.ndarray] | None = payload.get("grads64")
+        self.f64_error: str | None = payload.get("f64_error")
         self.losses: list[float] = payload.get("losses", [])
 
 
-def _loopback_interface() -> Optional[str]:
+def _loopback_interface() -> str | None:
     try:
         names = [n for _, n in socket.if_nameindex()]
     except OSError:  # pragma: no cover - platforms without if_nameindex
@@ -762,7 +789,7 @@ def _record_modules(obj: Any) -> tuple[bytes, set[str]]:
 
 def _resolves_to(name: str, file: str) -> bool:
     """Whether importing ``name`` from ``sys.path`` finds ``file`` (checked without importing)."""
-    path: Optional[Sequence[str]] = None
+    path: Sequence[str] | None = None
     spec = None
     parts = name.split(".")
     for i in range(len(parts)):
@@ -816,10 +843,6 @@ def _run_ranks(cfg: _Config, ref: _Reference) -> list[_RankResult]:
     # listen on every interface), on a port the OS picks: no race for a free port.
     sock = _listening_socket()
     port = sock.getsockname()[1]
-    store = dist.TCPStore(
-        _LOOPBACK, port, None, True,
-        timedelta(seconds=cfg.timeout), wait_for_workers=False, master_listen_fd=sock.detach(),
-    )
     spec = {
         "world_size": cfg.world_size,
         "backend": cfg.backend,
@@ -827,22 +850,37 @@ def _run_ranks(cfg: _Config, ref: _Reference) -> list[_RankResult]:
         "timeout": cfg.timeout,
         "make_model": cfg.make_model,
         "step": cfg.step,
-        "batch": cfg.batch,
+        "batch": pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, cfg.batch),
         "shards": [s.tolist() for s in cfg.shards],
         "micro_batches": cfg.micro_batches,
         "float64": float64,
         "expected_hash": ref.hash,
         "ddp_options": cfg.ddp_options,
         "ifname": _loopback_interface(),
+        "environ": dict(os.environ),
     }
     try:
         blob, module_names = _record_modules(spec)
     except Exception as exc:
+        sock.close()
         raise InvalidArgument(
-            f"the check's arguments cannot be sent to the spawned processes: {type(exc).__name__}: "
-            f"{_first_line(exc)}"
+            f"the check's arguments cannot be sent to the spawned processes: {type(exc).__name__}: {_first_line(exc)}"
         ) from None
     modules = _modules_to_ship(module_names)
+    fd = sock.detach()
+    try:
+        store = dist.TCPStore(
+            _LOOPBACK,
+            port,
+            None,
+            True,
+            timedelta(seconds=cfg.timeout),
+            wait_for_workers=False,
+            master_listen_fd=fd,
+        )
+    except BaseException:
+        os.close(fd)
+        raise
     ctx = multiprocessing.get_context(cfg.start_method)
     if cfg.start_method == "forkserver":
         # The server imports torch once; every later rank is forked from it, ready to run.
@@ -903,8 +941,18 @@ def _collect(cfg: _Config, procs: Sequence[Any], conns: Mapping[int, Any], deadl
                 kind, _rank, payload = conn.recv()
             except (EOFError, OSError):
                 proc.join(1.0)
-                errors.append((rank, {"type": "ProcessDied", "message": _exit_text(proc.exitcode),
-                                      "traceback": "", "invalid": False, "collective": False}))
+                errors.append(
+                    (
+                        rank,
+                        {
+                            "type": "ProcessDied",
+                            "message": _exit_text(proc.exitcode),
+                            "traceback": "",
+                            "invalid": False,
+                            "collective": False,
+                        },
+                    )
+                )
                 del pending[rank]
                 continue
             if kind == "stage":
@@ -919,7 +967,7 @@ def _collect(cfg: _Config, procs: Sequence[Any], conns: Mapping[int, Any], deadl
         others = [(r, e) for r, e in errors if not e.get("collective_timeout")]
         if others:
             # the first failure that is not a peer's broken connection is the cause
-            cause = sorted(others, key=lambda x: (bool(x[1].get("collective")), x[0]))[0]
+            cause = min(others, key=lambda x: (bool(x[1].get("collective")), x[0]))
             raise _worker_error(cfg, *cause)
         waited = [r for r, _ in errors]
         unfinished = {r: stages[r] for r in range(cfg.world_size) if r not in results and r not in waited}
@@ -927,7 +975,7 @@ def _collect(cfg: _Config, procs: Sequence[Any], conns: Mapping[int, Any], deadl
     return [results[r] for r in sorted(results)]
 
 
-def _exit_text(code: Optional[int]) -> str:
+def _exit_text(code: int | None) -> str:
     if code is None:
         return "the process ended its connection without reporting"
     if code < 0:
@@ -946,7 +994,7 @@ def _worker_error(cfg: _Config, rank: int, info: Mapping[str, Any]) -> GradCheck
     tb = info.get("traceback", "")
     text = f"rank {rank} of {cfg.world_size} failed: {info.get('type', 'Error')}: {message}"
     if tb:
-        text += "\n\nTraceback in rank {}:\n{}".format(rank, tb.rstrip())
+        text += f"\n\nTraceback in rank {rank}:\n{tb.rstrip()}"
     return DDPWorkerError(text, rank, tb)
 
 
@@ -1006,6 +1054,9 @@ def _worker(rank: int, conn: Any, blob: bytes, sys_path: list[str], modules: lis
         _load_modules(modules)
         spec = pickle.loads(blob)
         _die_with_parent()
+        if spec.get("environ") is not None:  # the parent's environment now, not the forkserver's
+            os.environ.clear()
+            os.environ.update(spec["environ"])
         if spec.get("ifname"):
             os.environ["GLOO_SOCKET_IFNAME"] = spec["ifname"]  # gloo listens on loopback only
         payload = _rank_step(rank, spec, lambda stage: conn.send(("stage", rank, stage)))
@@ -1136,8 +1187,12 @@ def _rank_step(rank: int, spec: Mapping[str, Any], stage: Callable[[str], None])
 
     grads, missing, losses = run(model, False)
     payload: dict[str, Any] = {
-        "rank": rank, "init_hash": init_hash, "init_state": init_state,
-        "grads": grads, "missing": missing, "losses": losses,
+        "rank": rank,
+        "init_hash": init_hash,
+        "init_state": init_state,
+        "grads": grads,
+        "missing": missing,
+        "losses": losses,
     }
     if model64 is not None:
         try:
@@ -1163,7 +1218,7 @@ class _DDPProblem:
 
     backend = "torch"
     reference_method = "ddp"
-    fallback_reason: Optional[str] = None
+    fallback_reason: str | None = None
     dropout_disabled: tuple[str, ...] = ()
     broadcasts: tuple[Any, ...] = ()
 
@@ -1174,7 +1229,7 @@ class _DDPProblem:
         self.batch_size = cfg.batch_size
         self.dtype = ref.dtype
         self.device = str(ref.device)
-        self.would_match: Optional[str] = None
+        self.would_match: str | None = None
         self._picked: dict[bool, dict[str, int]] = {}
 
     # -- GradientProblem ------------------------------------------------------------------------
@@ -1207,20 +1262,20 @@ class _DDPProblem:
         scale = float(np.sum(coeffs)) if self.cfg.reduction == "mean" else 1.0
         return {n: v * scale for n, v in full.items()}
 
-    def per_sample_gradients(self, float64: bool) -> Optional[dict[str, np.ndarray]]:
+    def per_sample_gradients(self, float64: bool) -> dict[str, np.ndarray] | None:
         return None  # the DDP diagnosis tests its own hypotheses (see diagnose)
 
     def weight_candidates(self) -> list[tuple[str, np.ndarray]]:
         return []
 
-    def loss_values(self, float64: bool) -> Optional[tuple[float, np.ndarray]]:
+    def loss_values(self, float64: bool) -> tuple[float, np.ndarray] | None:
         return None
 
     # -- words ------------------------------------------------------------------------------------
-    def _rank_spread(self, float64: bool, rtol: float, atol: float) -> tuple[bool, Optional[str]]:
+    def _rank_spread(self, float64: bool, rtol: float, atol: float) -> tuple[bool, str | None]:
         """(ranks disagree beyond tolerance, a sentence about the largest difference)."""
         ranks = self.rank_grads(float64)
-        worst: Optional[tuple[float, int, str]] = None
+        worst: tuple[float, int, str] | None = None
         failed = False
         precision = "float64" if float64 else self.dtype
         for r in range(1, len(ranks)):
@@ -1248,7 +1303,8 @@ class _DDPProblem:
             differ = [r.rank for r in self.results if r.init_hash != hashes[0]]
             out.append(
                 f"the ranks built different initial parameters (rank{'s' if len(differ) != 1 else ''} "
-                f"{_and(differ)} differ from rank 0 after torch.manual_seed(0); make_model() is not "
+                f"{_and(differ)} differ{'s' if len(differ) == 1 else ''} from rank 0 after "
+                "torch.manual_seed(0); make_model() is not "
                 "deterministic): DDP broadcast rank 0's at construction."
             )
         if ref.source == "rank 0":
@@ -1304,6 +1360,14 @@ class _DDPProblem:
                 "some gradients are not synchronised (a parameter DDP ignores, no_sync() around the last "
                 "backward, gradients changed after backward())."
             )
+            unused = sorted({n for r in self.results for n in r.missing})
+            if unused and not cfg.ddp_options.get("find_unused_parameters"):
+                say(
+                    f"parameters {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''} get no gradient "
+                    "in the step, and DDP was not told: with find_unused_parameters=False the gradient "
+                    "bucket that holds them is never all-reduced, so the ranks keep their own gradients. "
+                    "Pass ddp_options={'find_unused_parameters': True}, or remove the unused parameters."
+                )
         if ref.batchnorms and w > 1:
             self.would_match = "the ranks' own steps averaged (BatchNorm statistics per rank)"
             say(
@@ -1326,7 +1390,8 @@ class _DDPProblem:
             if twice:
                 bits.append(f"samples {_fmt_indices(twice)} are on more than one rank")
             say(
-                "the shards do not hold each sample once: " + "; ".join(bits)
+                "the shards do not hold each sample once: "
+                + "; ".join(bits)
                 + ", while the full-batch reference counts every sample once."
             )
 
@@ -1368,7 +1433,7 @@ class _DDPProblem:
                     f"loss = sum over the shard / {cfg.batch_size} (the global batch size) * {w} (world_size, "
                     "because DDP averages the ranks' gradients)."
                 )
-            elif k > 1 and any(len(set(len(m) for m in cfg.micro_splits(r))) > 1 for r in range(w)):
+            elif k > 1 and any(len({len(m) for m in cfg.micro_splits(r)}) > 1 for r in range(w)):
                 self.would_match = "the micro-batch-size-weighted mean"
                 say(
                     f"the micro-batches of a rank have different sizes ({_micro_sizes(cfg)}) and each "
@@ -1429,7 +1494,7 @@ class _DDPProblem:
 # --------------------------------------------------------------------------- small formatting helpers
 
 
-def _factor(g: Mapping[str, np.ndarray], r: Mapping[str, np.ndarray]) -> Optional[float]:
+def _factor(g: Mapping[str, np.ndarray], r: Mapping[str, np.ndarray]) -> float | None:
     names = list(r)
     gv = np.concatenate([np.ravel(g[n]) for n in names])
     rv = np.concatenate([np.ravel(r[n]) for n in names])
@@ -1446,7 +1511,7 @@ def _near(x: float, target: float, rel: float = 1e-3) -> bool:
 
 def _fmt_factor(f: float) -> str:
     if abs(f - round(f)) < 1e-6 * max(1.0, abs(f)):
-        return str(int(round(f)))
+        return str(round(f))
     return f"{f:.4g}"
 
 
@@ -1468,6 +1533,4 @@ def _fmt_indices(idx: Sequence[int] | np.ndarray, limit: int = 10) -> str:
 
 
 def _micro_sizes(cfg: _Config) -> str:
-    return "; ".join(
-        f"rank {r}: {'+'.join(str(len(m)) for m in cfg.micro_splits(r))}" for r in range(cfg.world_size)
-    )
+    return "; ".join(f"rank {r}: {'+'.join(str(len(m)) for m in cfg.micro_splits(r))}" for r in range(cfg.world_size))

@@ -169,6 +169,13 @@ def assert_gradequiv_step(
     sample is run alone as ``step_fn(model, batch_of_one)``. ``weights`` may be
     a callable on one sample's batch (a batch of one).
 
+    The whole step is watched for implicit broadcasts; one that was recorded is
+    named as a cause when the gradients disagree (there is no warning when they
+    agree: a model may broadcast both operands on purpose). Tensors the step
+    stores outside itself during the per-sample ``vmap`` run (``logged.append(
+    loss.detach())``) belong to vmap and must not be used afterwards; pass
+    ``reference="loop"`` if the step's side effects must stay usable.
+
     >>> import torch, torch.nn.functional as F
     >>> model = torch.nn.Linear(3, 1)
     >>> def training_step(m, batch):
@@ -192,15 +199,36 @@ def assert_gradequiv_step(
         raise InvalidArgument(f"step_fn must be callable, got {type(step_fn).__name__}")
 
     def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
-        return step_fn
+        if record is None:
+            return step_fn
+
+        def watched(m: torch.nn.Module, b: Any) -> Any:
+            with _loss_guard(record):
+                return step_fn(m, b)
+
+        return watched
+
+    def candidates() -> list[tuple[str, np.ndarray]]:
+        leaves, _ = pytree.tree_flatten(batch)
+        return _ignore_index_candidates(None, [x for x in leaves if isinstance(x, torch.Tensor)])
 
     problem = _TorchProblem(
-        model, build, batch, reference=opts["reference"], watch_broadcast=False, allow_non_tensor=True
+        model,
+        build,
+        batch,
+        reference=opts["reference"],
+        watch_broadcast=True,
+        allow_non_tensor=True,
+        weight_candidates=candidates,
+        broadcast_scope="the training step",
     )
 
     def sample_batch(i: int) -> Any:
         return problem.sample(i)
 
+    # The whole step is watched, model included, where broadcasting both operands
+    # can be intended (positional encodings, outer products): a recorded broadcast
+    # is stated as a cause when the gradients disagree, never warned about otherwise.
     opts["broadcast"] = "off"
     return _execute(problem, opts, weights, sample_batch)
 
@@ -393,8 +421,10 @@ class _TorchProblem:
         allow_non_tensor: bool = False,
         extra_modules: Sequence[torch.nn.Module] = (),
         weight_candidates: Optional[Callable[[], list[tuple[str, np.ndarray]]]] = None,
+        broadcast_scope: str = "the loss",
     ) -> None:
         self.model = model
+        self.broadcast_scope = broadcast_scope
         self.build_step = build_step
         self.batch = batch
         self.batch_size = _batch_size(batch, allow_non_tensor)

@@ -38,7 +38,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _tracking
-from ._options import check_tolerance
+from ._options import check_batch_sizes, check_tolerance
 from .engine import _check_model, _check_sample_mixing, _disable_dropout, _first_line, _SavedState
 from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
 from .verdict import default_tolerances
@@ -270,22 +270,7 @@ def _as_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _common_batch_size(xs: Sequence[torch.Tensor], names: Sequence[str]) -> int:
-    b = int(xs[0].shape[0])
-    for t, name in zip(xs[1:], names[1:]):
-        if int(t.shape[0]) != b:
-            raise InvalidArgument(
-                f"batch sizes disagree: {names[0]} (shape {tuple(xs[0].shape)}) has {b} samples but "
-                f"{name} (shape {tuple(t.shape)}) has {int(t.shape[0])}; every input must carry the "
-                "same batch on dim 0"
-            )
-    if b == 0:
-        raise InvalidArgument(f"empty batch: {names[0]} has no samples")
-    if b == 1:
-        raise InvalidArgument(
-            f"batch size 1 ({names[0]}, shape {tuple(xs[0].shape)}): with one sample there is no other "
-            "sample to depend on; use at least 2 samples"
-        )
-    return b
+    return check_batch_sizes([(f"{name} (shape {tuple(t.shape)})", int(t.shape[0])) for t, name in zip(xs, names)])
 
 
 def _choose_samples(

@@ -546,6 +546,7 @@ class _NumpyProblem:
     """One check of a NumPy gradient function, as :func:`~pytest_gradcheck.verdict.run_check` drives it."""
 
     backend = "numpy"
+    broadcast_scope = "grad_fn"
     device = "cpu"
     reference_method = "per-sample calls"
     fallback_reason: Optional[str] = None

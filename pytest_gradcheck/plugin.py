@@ -283,6 +283,25 @@ class GradEquivFixture:
 
         return assert_gradequiv_numpy(grad_fn, params, inputs, targets, **self.options(**options))
 
+    def accumulation(
+        self, model: Any, loss_fn: Any, inputs: Any, targets: Any = None, **options: Any
+    ) -> Any:
+        """Run :func:`pytest_gradcheck.assert_accumulation_equiv` with this test's defaults."""
+        __tracebackhide__ = True
+        from .accumulation import assert_accumulation_equiv
+
+        opts = self.options(**options)
+        opts.pop("reference", None)  # micro-batches are always run one by one
+        return assert_accumulation_equiv(model, loss_fn, inputs, targets, **opts)
+
+    def independent(self, model: Any, inputs: Any, **options: Any) -> Any:
+        """Run :func:`pytest_gradcheck.assert_batch_independent` (tolerances from this test)."""
+        __tracebackhide__ = True
+        from .independence import assert_batch_independent
+
+        opts = {k: v for k, v in self.options(**options).items() if k in ("rtol", "atol", "samples", "max_samples", "seed")}
+        return assert_batch_independent(model, inputs, **opts)
+
     def __repr__(self) -> str:
         return f"<gradequiv fixture {self.options()!r}>"
 

@@ -120,6 +120,7 @@ class GradEquivReport:
     notes: list[str] = field(default_factory=list)
     weights: Optional[tuple[float, ...]] = None  # declared per-sample/micro-batch weights
     would_match: Optional[str] = None  # on failure: the accumulation that would have matched
+    broadcast_scope: str = "the loss"  # the code the broadcast guard watched
 
     @property
     def parameters(self) -> tuple[ParamComparison, ...]:
@@ -177,6 +178,11 @@ def _what(report: GradEquivReport) -> str:
         "ddp": "the single-process gradient",
     }.get(report.check, "per-sample gradients")
     return unit
+
+
+def _units(report: GradEquivReport) -> tuple[str, str]:
+    """(plural noun, count symbol) of what is accumulated: samples/B or micro-batches/k."""
+    return ("micro-batches", "k") if report.check == "accumulation" else ("samples", "B")
 
 
 def _declared(report: GradEquivReport) -> str:
@@ -261,26 +267,27 @@ def _table(cmp: Comparison, only_failing_first: bool = True, limit: int = 12) ->
 
 def _explain_factor(f: Finding, report: GradEquivReport) -> list[str]:
     b = report.batch_size
+    _, sym = _units(report)
     factor = f.factor if f.factor is not None else float("nan")
     what = _what(report)
     if f.matched == "sum" and report.reduction in ("mean", "auto"):
         return [
             f"the batch gradient is the SUM of {what}, not their mean: "
-            f"{_fmt_factor(factor)} times too large (B={b} times the mean)."
+            f"{_fmt_factor(factor)} times too large ({sym}={b} times the mean)."
         ]
     if f.matched == "mean" and report.reduction == "sum":
         return [
             f"the batch gradient is the MEAN of {what}, not their sum: "
-            f"B={b} times too small (factor 1/{b})."
+            f"{sym}={b} times too small (factor 1/{b})."
         ]
     if abs(factor + 1) < 1e-3:
         return [f"the batch gradient has the opposite sign of {_declared(report)} of {what} (factor -1)."]
     rel_b = factor / b if b else float("nan")
     extra = ""
     if b and abs(factor * b - 1) < 1e-3:
-        extra = f" (1/B: the loss is divided by the batch size once more than {_declared(report)} needs)"
+        extra = f" (1/{sym}: the loss is divided by {sym} once more than {_declared(report)} needs)"
     elif b and abs(rel_b - b) < 1e-3 * b:
-        extra = f" (B² = {b}²: summed where a mean was meant, and once more)"
+        extra = f" ({sym}² = {b}²: summed where a mean was meant, and once more)"
     return [
         f"the batch gradient is {_fmt_factor(factor)} times {_declared(report)} of {what}{extra}; "
         f"the directions agree, only the scale is off."
@@ -300,8 +307,7 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
         if f.kind == "broadcast":
             for rec in f.records[:3]:
                 loc = rec.location() if hasattr(rec, "location") else "?"
-                where = "grad_fn" if report.backend == "numpy" else "the loss"
-                lines.append(f"implicit broadcast in {where} at {loc}:")
+                lines.append(f"implicit broadcast in {report.broadcast_scope} at {loc}:")
                 lines.append(f"    {rec.describe() if hasattr(rec, 'describe') else rec}")
                 if getattr(rec, "code", None):
                     lines.append(f"    > {rec.code}")
@@ -318,7 +324,7 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
             lines.extend(_explain_factor(f, report))
         elif f.kind == "known-weights":
             lines.append(
-                f"the batch gradient matches when samples are weighted by {f.label}"
+                f"the batch gradient matches when {_units(report)[0]} are weighted by {f.label}"
                 + (f": {_fmt_weights(f.weights)}" if f.weights else "")
                 + "."
             )
@@ -374,7 +380,7 @@ def _advice_lines(report: GradEquivReport) -> list[str]:
         elif f.kind in ("known-weights", "weights"):
             out.append(
                 "if that weighting is intended (token-level losses with padding, sample weights), "
-                "declare it with weights=...; otherwise make every sample count equally."
+                f"declare it with weights=...; otherwise make all {_units(report)[0]} count equally."
             )
         elif f.kind == "not-combination" and report.check == "per-sample":
             out.append(

@@ -192,9 +192,10 @@ def diagnose(
     """Explain why ``g`` is not ``declared`` (the reference under reduction ``hyp``)."""
     import numpy as np
 
-    findings: list[Finding] = []
-    if problem.broadcasts:
-        findings.append(Finding("broadcast", records=tuple(problem.broadcasts)))
+    # A recorded broadcast comes first, unless a scale factor or a named weighting
+    # explains the mismatch on its own: then the broadcast is listed after it.
+    broadcast = [Finding("broadcast", records=tuple(problem.broadcasts))] if problem.broadcasts else []
+    findings: list[Finding] = list(broadcast)
 
     names = list(declared)
     gv, rv = _flat(g, names), _flat(declared, names)
@@ -213,9 +214,8 @@ def diagnose(
                     matched = _label("sum", weighted)
                 elif hyp == "sum" and _close(factor, 1.0 / total):
                     matched = _label("mean", weighted)
-                findings.append(Finding("factor", factor=factor, matched=matched))
                 del b
-                return findings
+                return [Finding("factor", factor=factor, matched=matched), *broadcast]
 
     # 2. a weighting we can name (e.g. by the number of non-ignored targets)
     for label, v in problem.weight_candidates():
@@ -228,11 +228,11 @@ def diagnose(
             ref_v = _references(s_v, v, [h])[h]
             if compare_gradients(g, ref_v, rtol=rtol, atol=atol, reduction=h, precision=precision).passed:
                 rel = v / v.mean() if h == "mean" else v
-                findings.append(
-                    Finding("known-weights", label=label, matched=f"{label}-weighted {h}",
-                            weights=tuple(float(x) for x in rel))
+                known = Finding(
+                    "known-weights", label=label, matched=f"{h} weighted by {label}",
+                    weights=tuple(float(x) for x in rel),
                 )
-                return findings
+                return [known, *broadcast]
 
     # 3. the weights the batch gradient gives each sample, if they can be identified
     b = problem.batch_size
@@ -372,6 +372,7 @@ def run_check(
         fallback_reason=problem.fallback_reason,
         dropout_disabled=tuple(problem.dropout_disabled),
         broadcasts=tuple(problem.broadcasts),
+        broadcast_scope=getattr(problem, "broadcast_scope", "the loss"),
         notes=list(notes),
         weights=tuple(float(x) for x in coeffs) if weighted else None,
     )

@@ -297,3 +297,45 @@ def test_entry_point_module_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_fixture_methods_for_the_other_checks(pytester: pytest.Pytester) -> None:
+    write_tests(
+        pytester,
+        """
+        import numpy as np
+
+        @pytest.mark.gradequiv(rtol=1e-3)
+        def test_accumulation(gradequiv):
+            report = gradequiv.accumulation(mlp(), F.mse_loss, torch.randn(8, 3), torch.randn(8, 1), micro_batches=4)
+            assert report.passed and report.working.rtol == 1e-3
+
+        @pytest.mark.gradequiv
+        def test_independent(gradequiv):
+            gradequiv.independent(mlp(), torch.randn(5, 3))
+
+        @pytest.mark.gradequiv
+        def test_step(gradequiv):
+            gradequiv.step(lambda m, b: F.mse_loss(m(b["x"]), b["y"]), mlp(), {"x": torch.randn(4, 3), "y": torch.randn(4, 1)})
+
+        @pytest.mark.gradequiv
+        def test_numpy(gradequiv):
+            w = np.ones((3, 1))
+            def grad_fn(params, x, y):
+                return {"w": x.T @ (x @ params["w"] - y) / len(x)}
+            gradequiv.numpy(grad_fn, {"w": w}, np.random.rand(6, 3), np.random.rand(6, 1))
+
+        @pytest.mark.gradequiv
+        def test_leak_is_caught(gradequiv):
+            class Leak(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.fc = nn.Linear(3, 1)
+                def forward(self, x):
+                    return self.fc(x.roll(1, dims=0))
+            gradequiv.independent(Leak(), torch.randn(4, 3))
+        """,
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, failed=1)
+    result.stdout.fnmatch_lines(["*output of sample * depends on input of sample *"])
