@@ -74,7 +74,7 @@ def test_batch_size_one_hides_the_bug() -> None:
 @fuzz_settings
 @given(batch=regression_batches)
 def test_buggy_loss_is_caught_and_shrunk_to_b2(gradequiv, batch: gst.Batch) -> None:
-    # Hypothesis reports: Falsifying example: ... batch_size=2, dims={'features': 1}
+    # Hypothesis reports ("Falsifying example" or, in newer releases, "Failing test case"): ... batch_size=2, dims={'features': 1}
     torch.manual_seed(0)
     model = Regressor(**batch.dims)
     gradequiv(model, buggy_mse, batch.inputs, batch.targets)

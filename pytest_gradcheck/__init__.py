@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "UnsupportedModelError": "errors",
     "BroadcastError": "errors",
     "BroadcastWarning": "errors",
+    "DDPTimeoutError": "errors",
+    "DDPWorkerError": "errors",
     "no_implicit_broadcast": "broadcast",
     "allow_broadcast": "broadcast",
     "assert_gradequiv_numpy": "numpy_backend",
@@ -50,6 +52,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .errors import (
         BroadcastError,
         BroadcastWarning,
+        DDPTimeoutError,
+        DDPWorkerError,
         GradCheckError,
         GradEquivError,
         InvalidArgument,

@@ -54,7 +54,7 @@ from torch.utils import _pytree as pytree
 from . import _tracking
 from ._options import check_bool, check_choice, check_tolerance
 from .engine import _as_scalar_loss, _disable_dropout, _first_line
-from .errors import GradCheckError, GradEquivError, InvalidArgument
+from .errors import DDPTimeoutError, DDPWorkerError, GradCheckError, GradEquivError, InvalidArgument
 from .report import Finding, GradEquivReport
 from .verdict import compare_gradients, default_tolerances, run_check
 
@@ -78,31 +78,6 @@ _PRELOAD = (
 _EXIT_GRACE = 10.0
 #: Seconds between SIGTERM and SIGKILL when stopping a rank.
 _TERM_GRACE = 2.0
-
-
-class DDPTimeoutError(GradCheckError, TimeoutError):
-    """:func:`assert_ddp_equiv` ran out of time; the child processes were stopped.
-
-    ``.ranks_done`` and ``.ranks_pending`` list the ranks that had finished
-    their step and those that had not.
-    """
-
-    def __init__(self, message: str, ranks_done: Sequence[int] = (), ranks_pending: Sequence[int] = ()) -> None:
-        self.ranks_done = list(ranks_done)
-        self.ranks_pending = list(ranks_pending)
-        super().__init__(message)
-
-
-class DDPWorkerError(GradCheckError, RuntimeError):
-    """A rank failed (an exception in the model or the loss, or the process died).
-
-    ``.rank`` is the rank; ``.remote_traceback`` the child's traceback, as text.
-    """
-
-    def __init__(self, message: str, rank: int, remote_traceback: str = "") -> None:
-        self.rank = rank
-        self.remote_traceback = remote_traceback
-        super().__init__(message)
 
 
 # --------------------------------------------------------------------------- public API
@@ -1047,13 +1022,13 @@ def _stop(procs: Sequence[Any]) -> None:
 
 
 def _worker(rank: int, conn: Any, blob: bytes, sys_path: list[str], modules: list[tuple[str, str]]) -> None:
-    """Entry point of one rank (runs in a spawned process)."""
+    """Entry point of one rank (runs in a forked-from-forkserver or spawned process)."""
+    _die_with_parent()
     sys.path[:] = sys_path
     code = 1
     try:
         _load_modules(modules)
         spec = pickle.loads(blob)
-        _die_with_parent()
         if spec.get("environ") is not None:  # the parent's environment now, not the forkserver's
             os.environ.clear()
             os.environ.update(spec["environ"])
@@ -1062,15 +1037,15 @@ def _worker(rank: int, conn: Any, blob: bytes, sys_path: list[str], modules: lis
         payload = _rank_step(rank, spec, lambda stage: conn.send(("stage", rank, stage)))
         conn.send(("ok", rank, payload))
         code = 0
+        import torch.distributed as dist
+
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
     except BaseException as exc:  # report everything, KeyboardInterrupt included
+        # No clean-up that could block on the other ranks: the parent stops them all.
         with contextlib.suppress(Exception):
             conn.send(("error", rank, _describe_error(exc)))
     finally:
-        with contextlib.suppress(Exception):
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
         with contextlib.suppress(Exception):
             conn.close()
         with contextlib.suppress(Exception):
@@ -1230,7 +1205,6 @@ class _DDPProblem:
         self.dtype = ref.dtype
         self.device = str(ref.device)
         self.would_match: str | None = None
-        self._picked: dict[bool, dict[str, int]] = {}
 
     # -- GradientProblem ------------------------------------------------------------------------
     def rank_grads(self, float64: bool) -> list[dict[str, np.ndarray]]:
@@ -1248,13 +1222,9 @@ class _DDPProblem:
         ranks = self.rank_grads(float64)
         ref = self.ref.gradient(float64)
         out: dict[str, np.ndarray] = {}
-        picked: dict[str, int] = {}
         for name in self.ref.names:
             errs = [float(np.max(np.abs(g[name] - ref[name]), initial=0.0)) for g in ranks]
-            r = int(np.argmax(errs)) if errs else 0
-            picked[name] = r
-            out[name] = ranks[r][name]
-        self._picked[float64] = picked
+            out[name] = ranks[int(np.argmax(errs)) if errs else 0][name]
         return out
 
     def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
@@ -1343,6 +1313,8 @@ class _DDPProblem:
         def say(text: str) -> None:
             findings.append(Finding("unidentifiable", label=text))
 
+        self.would_match = "no rescaling or reweighting of the full-batch gradient"
+
         def close(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], slack: float = 10.0) -> bool:
             return compare_gradients(
                 a, b, rtol=rtol * slack, atol=atol * slack, reduction="-", precision=precision
@@ -1358,7 +1330,8 @@ class _DDPProblem:
                 "ranks disagree with each other: after DDP's all-reduce every rank must hold the same "
                 f"gradient, but {spread}. The model or the step is rank-dependent or non-deterministic, or "
                 "some gradients are not synchronised (a parameter DDP ignores, no_sync() around the last "
-                "backward, gradients changed after backward())."
+                "backward, gradients changed after backward()). The table shows, per parameter, the "
+                "rank farthest from the reference."
             )
             unused = sorted({n for r in self.results for n in r.missing})
             if unused and not cfg.ddp_options.get("find_unused_parameters"):
@@ -1481,6 +1454,7 @@ class _DDPProblem:
                 "over the shard."
             )
         elif _near(factor, -1.0):
+            self.would_match = "-1 × the full-batch gradient"
             say("the DDP gradient has the opposite sign of the full-batch gradient (factor -1).")
         else:
             self.would_match = f"{f} × the full-batch gradient"

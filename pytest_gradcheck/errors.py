@@ -14,7 +14,7 @@ Importing this module imports neither torch nor numpy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = [
     "GradCheckError",
@@ -23,6 +23,8 @@ __all__ = [
     "UnsupportedModelError",
     "BroadcastError",
     "BroadcastWarning",
+    "DDPTimeoutError",
+    "DDPWorkerError",
 ]
 
 
@@ -73,3 +75,28 @@ class BroadcastError(GradCheckError, AssertionError):
 
 class BroadcastWarning(UserWarning):
     """Warning category for implicit broadcasts seen in ``"warn"`` mode."""
+
+
+class DDPTimeoutError(GradCheckError, TimeoutError):
+    """:func:`assert_ddp_equiv` ran out of time; the child processes were stopped.
+
+    ``.ranks_done`` and ``.ranks_pending`` list the ranks that had finished
+    their step and those that had not.
+    """
+
+    def __init__(self, message: str, ranks_done: Sequence[int] = (), ranks_pending: Sequence[int] = ()) -> None:
+        self.ranks_done = list(ranks_done)
+        self.ranks_pending = list(ranks_pending)
+        super().__init__(message)
+
+
+class DDPWorkerError(GradCheckError, RuntimeError):
+    """A rank failed (an exception in the model or the loss, or the process died).
+
+    ``.rank`` is the rank; ``.remote_traceback`` the child's traceback, as text.
+    """
+
+    def __init__(self, message: str, rank: int, remote_traceback: str = "") -> None:
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+        super().__init__(message)

@@ -1,0 +1,441 @@
+"""``assert_ddp_equiv``: one DDP step against the single-process full-batch gradient.
+
+Every check starts real processes (gloo over 127.0.0.1). The first one also starts the
+forkserver (torch imported once, seconds); the later ones take well under a second each.
+The model factories and losses are module-level functions of this file: the ranks import
+this module to unpickle them.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import multiprocessing
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pytest_gradcheck import GradEquivError, InvalidArgument, assert_ddp_equiv, ddp
+
+GLOBAL_BATCH = 8
+
+_g = torch.Generator().manual_seed(1)
+X = torch.randn(GLOBAL_BATCH, 3, generator=_g)
+Y = torch.randn(GLOBAL_BATCH, 1, generator=_g)
+UNEVEN = [[0, 1, 2, 3, 4], [5, 6, 7]]
+
+
+# --------------------------------------------------------------------------- factories and losses
+
+
+def make_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def make_bn_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def make_mlp_ignoring_last_weight() -> nn.Module:
+    """DDP leaves ``2.weight`` out of the all-reduce: each rank keeps its own gradient."""
+    model = make_mlp()
+    model._ddp_params_and_buffers_to_ignore = ["2.weight"]  # type: ignore[assignment]
+    return model
+
+
+class WithUnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(3, 1)
+        self.unused = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def make_pid_dependent_mlp() -> nn.Module:
+    """Not deterministic under torch.manual_seed(0): every process builds another bias."""
+    model = make_mlp()
+    with torch.no_grad():
+        model[0].bias.fill_((os.getpid() % 997) / 997)
+    return model
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_count_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum over the shard / global sample count, times world_size because DDP averages."""
+    n = torch.tensor(float(y.shape[0]))
+    if dist.is_initialized():
+        dist.all_reduce(n)
+    return ((out - y) ** 2).sum() / n * world()
+
+
+def constant_count_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The same normalisation with a known global batch size: right for micro-batches too."""
+    return ((out - y) ** 2).sum() / GLOBAL_BATCH * world()
+
+
+def sum_squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).sum()
+
+
+def training_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    return {"loss": F.mse_loss(model(batch["x"]), batch["y"]), "log": batch["tag"]}
+
+
+def hangs_on_rank_1(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_rank() == 1:
+        while True:
+            time.sleep(1)
+    return F.mse_loss(out, y)
+
+
+def fails_on_rank_1(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_rank() == 1:
+        raise ValueError("labels out of range on rank 1")
+    return F.mse_loss(out, y)
+
+
+# --------------------------------------------------------------------------- process bookkeeping
+
+
+def _proc_children(pid: int) -> list[tuple[int, str, str]]:
+    """(pid, state, cmdline) of the processes whose parent is ``pid`` (zombies included)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append((int(entry), fields[0], cmdline))
+    return out
+
+
+def leftover_ranks() -> list[tuple[int, str, str]]:
+    """Rank processes still around: our own children other than multiprocessing's two
+    long-lived helpers (forkserver, resource tracker), and any child of the forkserver."""
+    left = []
+    for pid, state, cmd in _proc_children(os.getpid()):
+        if "forkserver" in cmd:
+            left += _proc_children(pid)
+        elif "resource_tracker" not in cmd and "multiprocessing" in cmd:
+            left.append((pid, state, cmd))
+    return left
+
+
+def assert_no_ranks_left() -> None:
+    assert multiprocessing.active_children() == []
+    deadline = time.monotonic() + 5
+    while leftover_ranks() and time.monotonic() < deadline:  # the forkserver reaps asynchronously
+        time.sleep(0.05)
+    assert leftover_ranks() == []
+
+
+@pytest.fixture
+def used_ports(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rendezvous ports the checks of one test listened on."""
+    ports: list[int] = []
+    original = ddp._listening_socket
+
+    def recording() -> socket.socket:
+        sock = original()
+        ports.append(sock.getsockname()[1])
+        return sock
+
+    monkeypatch.setattr(ddp, "_listening_socket", recording)
+    return ports
+
+
+def assert_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))
+
+
+# --------------------------------------------------------------------------- passing steps
+
+
+def test_even_shards_pass_and_leave_the_caller_as_found(used_ports: list[int]) -> None:
+    x, y = X.clone(), Y.clone()
+    rng = torch.get_rng_state()
+    report = assert_ddp_equiv(make_mlp, F.mse_loss, x, y)
+    assert report.passed and report.check == "ddp" and report.matched == "mean"
+    assert report.batch_size == GLOBAL_BATCH and report.reference_method == "ddp"
+    assert "the DDP gradient equals the single-process full-batch gradient" in str(report)
+    assert "DDP step on 2 ranks (gloo), shards of 4 and 4 samples (contiguous split" in str(report)
+    assert torch.equal(x, X) and torch.equal(y, Y)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_no_ranks_left()
+    assert_port_free(used_ports[-1])
+
+
+def test_uneven_shards_with_a_global_count_loss_pass() -> None:
+    report = assert_ddp_equiv(make_mlp, global_count_mse, X, Y, shards=UNEVEN)
+    assert report.passed
+    assert "shards of 5 and 3 samples (explicit shards: [0..4]; [5..7])" in str(report)
+
+
+def test_no_sync_accumulation_with_global_normalisation_passes() -> None:
+    report = assert_ddp_equiv(make_mlp, constant_count_mse, X, Y, shards=UNEVEN, micro_batches=2)
+    assert report.passed
+    assert "2 micro-batches per rank accumulated under no_sync()" in str(report)
+
+
+def test_step_fn_form_and_three_ranks() -> None:
+    batch = {"x": X[:6], "y": Y[:6], "tag": "not a tensor"}
+    report = assert_ddp_equiv(make_mlp, None, batch, step_fn=training_step, world_size=3)
+    assert report.passed
+    assert "shards of 2, 2 and 2 samples" in str(report)
+
+
+# --------------------------------------------------------------------------- diagnosed failures
+
+
+def test_per_rank_mean_over_uneven_shards_names_the_weighting() -> None:
+    with pytest.raises(GradEquivError) as info:
+        assert_ddp_equiv(make_mlp, F.mse_loss, X, Y, shards=UNEVEN)
+    text = str(info.value)
+    assert "the DDP gradient differs from the single-process full-batch gradient" in text
+    assert (
+        "ranks weight samples by 1/shard size: with shards of 5 and 3 samples the DDP gradient is a "
+        "shard-size-weighted mean" in text
+    )
+    assert "a sample counts 1/10 on a rank with 5, 1/6 on a rank with 3 instead of 1/8" in text
+    assert "divide by the global count instead" in text
+    assert "float64 re-check: the mismatch survives" in text
+    report = info.value.report
+    assert not report.passed and report.check == "ddp"
+    assert [f.kind for f in report.findings] == ["unidentifiable"]
+    assert report.would_match and "shard-size-weighted" in report.would_match
+
+
+def test_no_sync_accumulation_missing_1_over_k_names_the_factor() -> None:
+    with pytest.raises(GradEquivError) as info:
+        assert_ddp_equiv(make_mlp, F.mse_loss, X, Y, micro_batches=2)
+    text = str(info.value)
+    assert "no_sync() accumulation over 2 micro-batches sums their gradients" in text
+    assert "the DDP gradient is 2 times the full-batch gradient (the 1/2 is missing)" in text
+    assert "ratio" in text and " 2  " in text  # the table's batch/reference ratio
+
+
+def test_summed_loss_is_divided_by_world_size() -> None:
+    with pytest.raises(GradEquivError, match=r"the DDP gradient is 1/2 of the full-batch gradient"):
+        assert_ddp_equiv(make_mlp, sum_squared_error, X, Y, reduction="sum")
+
+
+def test_batchnorm_in_train_mode_gets_the_syncbatchnorm_sentence() -> None:
+    with pytest.raises(GradEquivError) as info:
+        assert_ddp_equiv(make_bn_mlp, F.mse_loss, X, Y)
+    text = str(info.value)
+    assert "BatchNorm normalises per rank; use SyncBatchNorm" in text
+    assert "model.1 (BatchNorm1d) is in train mode" in text
+
+
+def test_distributed_sampler_padding_names_the_repeated_samples() -> None:
+    with pytest.raises(GradEquivError) as info:
+        assert_ddp_equiv(make_mlp, F.mse_loss, X[:7], Y[:7], sampler=True)
+    text = str(info.value)
+    assert "DistributedSampler repeated samples [0] to even out the shards" in text
+    assert "(7 samples over 2 ranks are padded to 8)" in text
+    assert "DistributedSampler(shuffle=False, drop_last=False): [0, 2, 4, 6]; [1, 3, 5, 0]" in text
+
+
+def test_ranks_that_disagree_after_the_all_reduce_fail() -> None:
+    with pytest.raises(GradEquivError) as info:
+        assert_ddp_equiv(make_mlp_ignoring_last_weight, F.mse_loss, X, Y)
+    text = str(info.value)
+    assert "ranks disagree with each other" in text
+    assert "rank 1's gradient of '2.weight' differs from rank 0's" in text
+
+
+def test_unused_parameters_without_find_unused_parameters_are_named() -> None:
+    with pytest.raises(GradEquivError) as info:
+        assert_ddp_equiv(WithUnusedLayer, F.mse_loss, X, Y)
+    text = str(info.value)
+    assert "ranks disagree with each other" in text
+    assert "parameters unused.bias, unused.weight get no gradient in the step, and DDP was not told" in text
+    report = assert_ddp_equiv(WithUnusedLayer, F.mse_loss, X, Y, ddp_options={"find_unused_parameters": True})
+    assert "parameters with no gradient after the step (counted as zero): unused.bias, unused.weight" in str(report)
+
+
+def test_a_non_deterministic_factory_is_checked_from_rank_0s_parameters() -> None:
+    report = assert_ddp_equiv(make_pid_dependent_mlp, F.mse_loss, X, Y)
+    text = str(report)
+    assert report.passed
+    assert "the ranks built different initial parameters (rank 1 differs from rank 0" in text
+    assert "the reference starts from rank 0's, which DDP broadcast to every rank" in text
+
+
+# --------------------------------------------------------------------------- bad arguments (no process started)
+
+
+def test_lambdas_and_local_functions_are_rejected_up_front() -> None:
+    def local_model() -> nn.Module:
+        return make_mlp()
+
+    expected = (
+        "make_model must be importable by the child processes (a module-level function), lambdas "
+        "and local functions cannot be sent to spawned processes"
+    )
+    for factory in (lambda: make_mlp(), local_model):
+        with pytest.raises(InvalidArgument) as info:
+            assert_ddp_equiv(factory, F.mse_loss, X, Y)
+        assert str(info.value).startswith(expected)
+    with pytest.raises(InvalidArgument, match="loss_fn must be importable by the child processes"):
+        assert_ddp_equiv(make_mlp, lambda out, y: F.mse_loss(out, y), X, Y)
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shards": [[0, 1, 2]]}, "shards has 1 index list(s) but world_size=2"),
+        ({"shards": [[0, 1], [2, 9]]}, "shards[1] has indices outside the batch of 8"),
+        ({"shards": [[0, 1], []]}, "shards[1] is empty"),
+        ({"sampler": True, "shards": UNEVEN}, "either shards=... or sampler=True"),
+        ({"micro_batches": 4, "shards": UNEVEN}, "rank 1 has 3 sample(s), fewer than micro_batches=4"),
+        ({"world_size": 0}, "Invalid world_size=0"),
+        ({"world_size": 9}, "a batch of 8 cannot be split over world_size=9 ranks"),
+        ({"backend": "mpi"}, "Invalid backend='mpi'"),
+        ({"timeout": 0}, "Invalid timeout=0"),
+        ({"reduction": "max"}, "Invalid reduction='max'"),
+        ({"ddp_options": {"device_ids": [0]}}, "ddp_options may not set device_ids"),
+    ],
+)
+def test_bad_arguments_are_rejected_before_any_process_starts(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        assert_ddp_equiv(make_mlp, F.mse_loss, X, Y, **kwargs)
+    assert message in str(info.value)
+
+
+def test_a_non_scalar_loss_is_rejected_in_the_parent() -> None:
+    with pytest.raises(InvalidArgument, match=r"has shape \(8, 1\), not a scalar"):
+        assert_ddp_equiv(make_mlp, nn.L1Loss(reduction="none"), X, Y)
+
+
+# --------------------------------------------------------------------------- failures, time-outs, clean-up
+
+
+def test_an_exception_in_a_rank_is_reported_with_its_traceback() -> None:
+    with pytest.raises(ddp.DDPWorkerError) as info:
+        assert_ddp_equiv(make_mlp, fails_on_rank_1, X, Y, timeout=30)
+    err = info.value
+    assert err.rank == 1
+    assert "rank 1 of 2 failed: ValueError: labels out of range on rank 1" in str(err)
+    assert "fails_on_rank_1" in err.remote_traceback
+    assert_no_ranks_left()
+
+
+def test_a_rank_that_never_finishes_times_out_and_nothing_is_left_behind(used_ports: list[int]) -> None:
+    start = time.monotonic()
+    with pytest.raises(ddp.DDPTimeoutError) as info:
+        assert_ddp_equiv(make_mlp, hangs_on_rank_1, X, Y, timeout=5)
+    elapsed = time.monotonic() - start
+    assert isinstance(info.value, TimeoutError)
+    text = str(info.value)
+    assert "assert_ddp_equiv ran out of time (timeout=5 s) before every rank finished the step" in text
+    assert "rank 1 was in the forward pass and the loss (micro-batch 1 of 1)" in text
+    assert "rank 0 was in backward() (micro-batch 1 of 1), whose gradient all-reduce waits" in text or (
+        "rank 0 waited 5 s in a collective" in text
+    )
+    assert "The child processes were stopped" in text
+    assert 1 in info.value.ranks_pending
+    assert elapsed < 5 + ddp._TERM_GRACE + 5
+    assert_no_ranks_left()
+    assert_port_free(used_ports[-1])
+    # and the next check runs as usual
+    assert assert_ddp_equiv(make_mlp, F.mse_loss, X, Y).passed
+
+
+def test_keyboard_interrupt_stops_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_wait = multiprocessing.connection.wait
+    calls = []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing.connection, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        assert_ddp_equiv(make_mlp, hangs_on_rank_1, X, Y, timeout=30)
+    monkeypatch.undo()
+    assert_no_ranks_left()
+
+
+# --------------------------------------------------------------------------- inside pytest
+
+
+PYTESTER_FILE = """
+import torch, torch.nn.functional as F
+from torch import nn
+from pytest_gradcheck import assert_ddp_equiv
+
+def make_model():
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+def test_ddp_step():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, generator=g), torch.randn(6, 1, generator=g)
+    report = assert_ddp_equiv(make_model, F.mse_loss, x, y, world_size=1, start_method="spawn")
+    assert report.passed
+"""
+
+
+def test_factories_from_a_module_not_importable_by_name(tmp_path: Any) -> None:
+    """As pytest's importlib mode imports test files: the ranks load the module from its file."""
+    path = tmp_path / "gradcheck_user_models.py"
+    path.write_text(
+        "from torch import nn\n\n\ndef make_model():\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))\n"
+    )
+    spec = importlib.util.spec_from_file_location("gradcheck_user_models", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gradcheck_user_models"] = module
+    try:
+        spec.loader.exec_module(module)
+        assert ddp._modules_to_ship({"gradcheck_user_models"}) == [("gradcheck_user_models", str(path))]
+        assert assert_ddp_equiv(module.make_model, F.mse_loss, X, Y).passed
+    finally:
+        del sys.modules["gradcheck_user_models"]
+
+
+def _plugin_args() -> list[str]:
+    # Until the pytest plugin module exists, the entry point cannot load: leave it out.
+    return [] if importlib.util.find_spec("pytest_gradcheck.plugin") else ["-p", "no:gradcheck"]
+
+
+def test_test_module_factories_under_xdist_importlib_mode_and_spawn(pytester: pytest.Pytester) -> None:
+    """Spawned ranks import the user's test module by file when it is not importable by name.
+
+    One rank only: a spawned rank imports torch itself (seconds on a shared CPU); the
+    forkserver path is the one every other test here takes.
+    """
+    pytester.makepyfile(test_user_ddp=PYTESTER_FILE)
+    result = pytester.runpytest(
+        "-p", "no:cacheprovider", "-p", "no:benchmark", "-n", "1", "--import-mode=importlib", *_plugin_args()
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_docstrings() -> None:
+    failures, _ = doctest.testmod(ddp, optionflags=doctest.ELLIPSIS)
+    assert failures == 0
