@@ -563,3 +563,61 @@ def test_unidentifiable_weights_never_ask_for_an_impossible_batch() -> None:
     text = str(info.value)
     assert "smaller than 2" not in text and "smaller than 1" not in text
     assert "too few" in text
+
+
+def test_model_that_reads_its_inputs_as_numpy_still_runs() -> None:
+    # Inputs are handed to the model as grad-requiring aliases (no copy); a model
+    # that calls .numpy() on them must get plain copies instead.
+    class Numpyish(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = float(np.abs(x.numpy()).max() > -1)
+            return self.fc(x) * scale
+
+    report = assert_gradequiv(Numpyish(), F.mse_loss, torch.randn(5, 3), torch.randn(5, 1))
+    assert report.passed and report.reference_method == "loop"
+
+
+@pytest.mark.parametrize("rnn", ["gru", "lstm", "rnn"])
+def test_recurrent_models_run_under_vmap(rnn: str) -> None:
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(30, 8)
+            cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[rnn]
+            self.rnn = cls(8, 12, num_layers=2, batch_first=True, bidirectional=(rnn == "lstm"), dropout=0.2)
+            self.head = nn.Linear(12 * (2 if rnn == "lstm" else 1), 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(self.emb(ids))
+            return self.head(out[:, -1])
+
+    ids, y = torch.randint(0, 30, (16, 7)), torch.randint(0, 3, (16,))
+    report = assert_gradequiv(Seq(), F.cross_entropy, ids, y)
+    assert report.passed and report.reference_method == "vmap", report.fallback_reason
+    assert report.dropout_disabled == ("model.rnn",)
+    assert torch.backends.mkldnn.enabled  # switched off for the reference only
+    with pytest.raises(GradEquivError, match="SUM"):
+        assert_gradequiv(Seq(), lambda o, t: F.cross_entropy(o, t, reduction="sum"), ids, y)
+
+
+def test_packed_sequences_still_fall_back_to_the_loop() -> None:
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(4, 6, batch_first=True)
+            self.head = nn.Linear(6, 1)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, h = self.rnn(packed)
+            return self.head(h[-1])
+
+    x, lengths = torch.randn(5, 6, 4), torch.tensor([6, 3, 5, 1, 2])
+    report = assert_gradequiv(Packed(), F.mse_loss, (x, lengths), torch.randn(5, 1))
+    assert report.passed and report.reference_method == "loop"
