@@ -21,14 +21,12 @@ micro-batch is short.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _tracking
 from ._options import check_batch_sizes, validate_options
 from .engine import (
     _as_scalar_loss,
@@ -37,8 +35,8 @@ from .engine import (
     _check_model,
     _first_line,
     _leaf_paths,
-    _loss_guard,
     _TorchProblem,
+    loss_step_builder,
 )
 from .errors import GradEquivError, InvalidArgument
 from .report import GradEquivReport
@@ -133,23 +131,7 @@ def assert_accumulation_equiv(
     b = _named_batch_size(named)
     sizes = split_sizes(micro_batches, b)
     loss_modules = [loss_fn] if isinstance(loss_fn, torch.nn.Module) else []
-
-    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
-        fn = loss_fn
-        if float64 and isinstance(loss_fn, torch.nn.Module):
-            fn = copy.deepcopy(loss_fn).to(torch.float64)
-
-        def step(m: torch.nn.Module, batch: Any) -> Any:
-            xs, ys = batch
-            out = m(*xs)
-            with _loss_guard(record):
-                if not targets_t:
-                    return fn(out)
-                if targets_is_tuple:
-                    return fn(out, *ys)
-                return fn(out, ys[0])
-
-        return step
+    build = loss_step_builder(loss_fn, has_targets=bool(targets_t), targets_is_tuple=targets_is_tuple)
 
     bounds = _bounds(sizes)
 
@@ -429,14 +411,12 @@ def _run(
                     notes=notes,
                 )
             except GradEquivError as err:
-                _tracking.record(err.report)
                 advice = _accumulation_advice(err.report)
                 if not advice:
                     raise
                 raise GradEquivError(err.report, f"{err.report}\n\n{advice}") from None
     finally:
         problem.release()
-    _tracking.record(report)
     if report.broadcasts:
         from .broadcast import emit_after_check
 

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _tracking
 from ._options import check_batch_sizes, validate_options
 from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
 from .report import GradEquivReport
@@ -111,23 +110,7 @@ def assert_gradequiv(
     targets_is_tuple = isinstance(targets, (tuple, list))
     targets_t = () if targets is None else _as_tensor_tuple(targets, "targets")
     loss_modules = [loss_fn] if isinstance(loss_fn, torch.nn.Module) else []
-
-    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
-        fn = loss_fn
-        if float64 and isinstance(loss_fn, torch.nn.Module):
-            fn = copy.deepcopy(loss_fn).to(torch.float64)
-
-        def step(m: torch.nn.Module, batch: Any) -> Any:
-            xs, ys = batch
-            out = m(*xs)
-            with _loss_guard(record):
-                if not targets_t:
-                    return fn(out)
-                if targets_is_tuple:
-                    return fn(out, *ys)
-                return fn(out, ys[0])
-
-        return step
+    build = loss_step_builder(loss_fn, has_targets=bool(targets_t), targets_is_tuple=targets_is_tuple)
 
     def sample_targets(i: int) -> Any:
         ys = tuple(t[i : i + 1] for t in targets_t)
@@ -243,26 +226,51 @@ def _execute(
     w = _resolve_weights(weights, problem.batch_size, sample_of)
     try:
         with problem.prepared():
-            try:
-                report = run_check(
-                    problem,
-                    reduction=opts["reduction"],
-                    weights=w,
-                    rtol=opts["rtol"],
-                    atol=opts["atol"],
-                    float64_recheck=opts["float64_recheck"],
-                )
-            except GradEquivError as err:
-                _tracking.record(err.report)
-                raise
+            report = run_check(
+                problem,
+                reduction=opts["reduction"],
+                weights=w,
+                rtol=opts["rtol"],
+                atol=opts["atol"],
+                float64_recheck=opts["float64_recheck"],
+            )
     finally:
         problem.release()
-    _tracking.record(report)
     if report.broadcasts:
         from .broadcast import emit_after_check
 
         emit_after_check(report, opts["broadcast"], where="the loss")
     return report
+
+
+def loss_step_builder(
+    loss_fn: Callable[..., Any], *, has_targets: bool, targets_is_tuple: bool
+) -> Callable[[Optional[list], bool], Callable[[torch.nn.Module, Any], Any]]:
+    """The step ``loss_fn(model(*inputs), targets)`` over a batch ``(inputs, targets)``.
+
+    ``build(record, float64)`` returns the step; with ``record`` (a list) the
+    broadcast guard records around the loss call only, never the model's
+    forward; with ``float64`` a loss module is run on a float64 copy.
+    """
+
+    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
+        fn = loss_fn
+        if float64 and isinstance(loss_fn, torch.nn.Module):
+            fn = copy.deepcopy(loss_fn).to(torch.float64)
+
+        def step(m: torch.nn.Module, batch: Any) -> Any:
+            xs, ys = batch
+            out = m(*xs)
+            with _loss_guard(record):
+                if not has_targets:
+                    return fn(out)
+                if targets_is_tuple:
+                    return fn(out, *ys)
+                return fn(out, ys[0])
+
+        return step
+
+    return build
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence
 
+from . import _tracking
 from .errors import GradEquivError, InvalidArgument
 from .report import Comparison, Finding, GradEquivReport, ParamComparison
 
@@ -381,6 +382,7 @@ def run_check(
         notes=list(notes),
         weights=tuple(float(x) for x in coeffs) if weighted else None,
     )
+    _tracking.record(report)  # the plugin counts every check, pass or fail
     if report.passed:
         return report
     final = report.final
