@@ -634,6 +634,45 @@ def measure_guard(n_ops: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def measure_ddp(world_sizes: Sequence[int] = (2, 4), batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:
+    """Seconds per ``assert_ddp_equiv`` at each world size against the single-process check.
+
+    The model factory is a ``functools.partial`` of ``nn.Sequential`` over layers
+    built here, so it pickles (the ranks get the same weights) even though this
+    script runs as ``__main__``. The first DDP call also starts the forkserver
+    the ranks are forked from; it is reported apart.
+    """
+    import functools
+
+    try:
+        from pytest_gradcheck import assert_ddp_equiv, assert_gradequiv
+    except Exception as exc:  # pragma: no cover - reported, not fatal
+        return {"status": f"not available ({_short(exc)})"}
+    torch.manual_seed(0)
+    make_model = functools.partial(nn.Sequential, nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 1))
+    x, y = torch.randn(batch_size, 32), torch.randn(batch_size, 1)
+
+    def median_s(fn: Callable[[], Any], n: int) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    out: dict[str, Any] = {"status": "ok", "model": "MLP 32-64-1, MSE", "batch_size": batch_size}
+    out["single_s"] = median_s(lambda: assert_gradequiv(make_model(), F.mse_loss, x, y), 5)
+    for ws in world_sizes:
+        try:
+            first = median_s(lambda: assert_ddp_equiv(make_model, F.mse_loss, x, y, world_size=ws), 1)
+            later = median_s(lambda: assert_ddp_equiv(make_model, F.mse_loss, x, y, world_size=ws), repeats)
+        except Exception as exc:
+            out[f"world_size_{ws}"] = {"status": f"failed ({_short(exc)})"}
+            continue
+        out[f"world_size_{ws}"] = {"status": "ok", "first_s": first, "median_s": later, "ratio": later / out["single_s"]}
+    return out
+
+
 def _plugin_is_entry_point() -> bool:
     from importlib.metadata import entry_points
 
@@ -898,6 +937,21 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(f"guard ({label}): {d.get('status')}")
     else:
         lines.append(f"guard: {g.get('status')}")
+    d = report.get("ddp", {})
+    if d.get("status") == "ok":
+        parts = [f"single-process check {d['single_s'] * 1e3:.0f} ms"]
+        for key, v in d.items():
+            if key.startswith("world_size_"):
+                ws = key.rsplit("_", 1)[1]
+                if v.get("status") == "ok":
+                    parts.append(
+                        f"world_size {ws}: {v['median_s']:.2f} s ({v['ratio']:.0f}x; first call {v['first_s']:.1f} s)"
+                    )
+                else:
+                    parts.append(f"world_size {ws}: {v.get('status')}")
+        lines.append(f"ddp ({d['model']}, B={d['batch_size']}, gloo on 127.0.0.1): " + "; ".join(parts))
+    else:
+        lines.append(f"ddp: {d.get('status')}")
     s = report["startup"]
     if s.get("status") == "ok":
         lines.append(
@@ -944,6 +998,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timing repeats (default 7, quick 2)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-(model, B) memory subprocesses")
+    p.add_argument("--no-ddp", action="store_true", help="skip assert_ddp_equiv at world_size 2 and 4 (full runs)")
     p.add_argument(
         "--opacus-path", default=os.environ.get(OPACUS_ENV), help=f"directory holding opacus (or ${OPACUS_ENV})"
     )
@@ -1060,6 +1115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n_ops = 2_000 if quick else 10_000
     guard = measure_guard(n_ops, repeats=3 if quick else 9)
+    ddp = {"status": "skipped"} if (quick or args.no_ddp or device.type != "cpu") else measure_ddp()
     with tempfile.TemporaryDirectory() as pycache:
         startup = measure_startup(3 if quick else 9, pycache)
         imports = check_plugin_imports(pycache)
@@ -1085,6 +1141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "availability": avail,
         "results": results,
         "guard": guard,
+        "ddp": ddp,
         "startup": startup,
         "plugin_imports": imports,
     }
