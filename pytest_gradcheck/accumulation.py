@@ -30,12 +30,12 @@ from torch.utils import _pytree as pytree
 from ._options import check_batch_sizes, validate_options
 from .engine import (
     _as_scalar_loss,
-    _as_tensor_tuple,
     _batch_size,
     _check_model,
     _first_line,
     _leaf_paths,
     _TorchProblem,
+    loss_call_arguments,
     loss_step_builder,
 )
 from .errors import GradEquivError, InvalidArgument
@@ -120,12 +120,7 @@ def assert_accumulation_equiv(
             "float64_recheck": float64_recheck,
         }
     )
-    _check_model(model)
-    if not callable(loss_fn):
-        raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    inputs_t = _as_tensor_tuple(inputs, "inputs")
-    targets_is_tuple = isinstance(targets, (tuple, list))
-    targets_t = () if targets is None else _as_tensor_tuple(targets, "targets")
+    inputs_t, targets_t, targets_is_tuple = loss_call_arguments(model, loss_fn, inputs, targets)
     named = [(f"inputs[{k}]" if isinstance(inputs, (tuple, list)) else "inputs", t) for k, t in enumerate(inputs_t)]
     named += [(f"targets[{k}]" if targets_is_tuple else "targets", t) for k, t in enumerate(targets_t)]
     b = _named_batch_size(named)

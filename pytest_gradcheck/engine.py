@@ -103,12 +103,7 @@ def assert_gradequiv(
             "float64_recheck": float64_recheck,
         }
     )
-    _check_model(model)
-    if not callable(loss_fn):
-        raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    inputs_t = _as_tensor_tuple(inputs, "inputs")
-    targets_is_tuple = isinstance(targets, (tuple, list))
-    targets_t = () if targets is None else _as_tensor_tuple(targets, "targets")
+    inputs_t, targets_t, targets_is_tuple = loss_call_arguments(model, loss_fn, inputs, targets)
     loss_modules = [loss_fn] if isinstance(loss_fn, torch.nn.Module) else []
     build = loss_step_builder(loss_fn, has_targets=bool(targets_t), targets_is_tuple=targets_is_tuple)
 
@@ -241,6 +236,22 @@ def _execute(
 
         emit_after_check(report, opts["broadcast"], where="the loss")
     return report
+
+
+def loss_call_arguments(
+    model: Any, loss_fn: Any, inputs: Any, targets: Any
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], bool]:
+    """Validate the ``(model, loss_fn, inputs, targets)`` form; return the tensors as tuples.
+
+    Returns ``(inputs, targets, targets_is_tuple)``; ``targets`` is ``()`` for None.
+    """
+    _check_model(model)
+    if not callable(loss_fn):
+        raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    inputs_t = _as_tensor_tuple(inputs, "inputs")
+    targets_is_tuple = isinstance(targets, (tuple, list))
+    targets_t = () if targets is None else _as_tensor_tuple(targets, "targets")
+    return inputs_t, targets_t, targets_is_tuple
 
 
 def loss_step_builder(

@@ -41,6 +41,7 @@ from . import _tracking
 from ._options import check_batch_sizes, check_tolerance
 from .engine import _check_model, _check_sample_mixing, _disable_dropout, _first_line, _SavedState
 from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
+from .report import _fmt
 from .verdict import default_tolerances
 
 __all__ = [
@@ -740,14 +741,6 @@ _ADVICE_TEXT = {
 }
 
 
-def _fmt(x: float) -> str:
-    if x is None or math.isnan(x):
-        return "—"
-    if math.isinf(x):
-        return "inf"
-    if x == 0:
-        return "0"
-    return f"{x:.2e}"
 
 
 def _fmt_samples(samples: Sequence[int], limit: int = 12) -> str:
