@@ -392,26 +392,23 @@ def _run(
     notes = [problem.split_note()]
     if weight_note:
         notes.append(weight_note)
-    try:
-        with problem.prepared():
-            try:
-                report = run_check(
-                    problem,
-                    reduction=opts["reduction"],
-                    weights=w,
-                    rtol=opts["rtol"],
-                    atol=opts["atol"],
-                    float64_recheck=opts["float64_recheck"],
-                    check="accumulation",
-                    notes=notes,
-                )
-            except GradEquivError as err:
-                advice = _accumulation_advice(err.report)
-                if not advice:
-                    raise
-                raise GradEquivError(err.report, f"{err.report}\n\n{advice}") from None
-    finally:
-        problem.release()
+    with problem.prepared():
+        try:
+            report = run_check(
+                problem,
+                reduction=opts["reduction"],
+                weights=w,
+                rtol=opts["rtol"],
+                atol=opts["atol"],
+                float64_recheck=opts["float64_recheck"],
+                check="accumulation",
+                notes=notes,
+            )
+        except GradEquivError as err:
+            advice = _accumulation_advice(err.report)
+            if not advice:
+                raise
+            raise GradEquivError(err.report, f"{err.report}\n\n{advice}") from None
     if report.broadcasts:
         from .broadcast import emit_after_check
 

@@ -219,18 +219,15 @@ def _execute(
 ) -> GradEquivReport:
     __tracebackhide__ = True
     w = _resolve_weights(weights, problem.batch_size, sample_of)
-    try:
-        with problem.prepared():
-            report = run_check(
-                problem,
-                reduction=opts["reduction"],
-                weights=w,
-                rtol=opts["rtol"],
-                atol=opts["atol"],
-                float64_recheck=opts["float64_recheck"],
-            )
-    finally:
-        problem.release()
+    with problem.prepared():
+        report = run_check(
+            problem,
+            reduction=opts["reduction"],
+            weights=w,
+            rtol=opts["rtol"],
+            atol=opts["atol"],
+            float64_recheck=opts["float64_recheck"],
+        )
     if report.broadcasts:
         from .broadcast import emit_after_check
 
@@ -466,7 +463,6 @@ class _TorchProblem:
         self.extra_modules = list(extra_modules)
         self._weight_candidates = weight_candidates
         self._leaves, self._spec = pytree.tree_flatten(batch)
-        self._state_saver: Optional[_SavedState] = None
         self._copy_inputs = False
         self._in_dims_tree: Any = None
         self.has_rnn = any(isinstance(m, torch.nn.RNNBase) for m in model.modules())
@@ -477,15 +473,13 @@ class _TorchProblem:
     # -- set-up and tear-down -------------------------------------------------------------
     @contextlib.contextmanager
     def prepared(self) -> Iterator[None]:
-        self._state_saver = _SavedState(self.model, self.extra_modules)
+        """Dropout off for the check; everything the check could disturb restored after."""
+        saved = _SavedState(self.model, self.extra_modules)
         try:
             self.dropout_disabled = _disable_dropout(self.model)
             yield
         finally:
-            self._state_saver.restore()
-
-    def release(self) -> None:
-        self._state_saver = None
+            saved.restore()
 
     # -- inputs -----------------------------------------------------------------------------
     def _batch(self, float64: bool) -> Any:
@@ -530,7 +524,6 @@ class _TorchProblem:
             return None, self.params
         state: dict[str, torch.Tensor] = {}
         trainable = set(self.names)
-        grads: list[torch.Tensor] = []
         by_name: dict[str, torch.Tensor] = {}
         for name, p in self.model.named_parameters():
             t = p.detach().to(torch.float64) if p.is_floating_point() else p.detach()

@@ -213,14 +213,12 @@ def diagnose(
         if math.isfinite(factor) and factor != 0:
             scaled = {n: factor * declared[n] for n in names}
             if compare_gradients(g, scaled, rtol=rtol, atol=atol, reduction=hyp, precision=precision).passed:
-                b = problem.batch_size
                 total = float(coeffs.sum())
                 matched = None
                 if hyp == "mean" and _close(factor, total):
                     matched = _label("sum", weighted)
                 elif hyp == "sum" and _close(factor, 1.0 / total):
                     matched = _label("mean", weighted)
-                del b
                 return [Finding("factor", factor=factor, matched=matched), *broadcast]
 
     # 2. a weighting we can name (e.g. by the number of non-ignored targets)
