@@ -63,10 +63,16 @@ def test_quick_benchmark_writes_expected_json(quick_report: dict[str, Any]) -> N
     memory = rows[("mlp", 64)]["memory"]
     assert "how" in memory or "notes" in memory
     if "unit" in memory.get("peak_bytes", {}):
-        assert _positive(memory["peak_bytes"]["unit"])
+        # Peak RSS rises in whole pages: a tiny training step can be served from
+        # memory already mapped and measure 0 bytes. Then there is no ratio to take.
+        unit_peak = memory["peak_bytes"]["unit"]
+        assert isinstance(unit_peak, int) and unit_peak >= 0
         if check_available:
             assert memory["peak_bytes"].get("check", -1) >= 0
-            assert _positive(memory["ratio"]) or memory["peak_bytes"]["check"] == 0
+            if unit_peak > 0:
+                assert _positive(memory["ratio"]) or memory["peak_bytes"]["check"] == 0
+            else:
+                assert "ratio" not in memory
 
     for section in ("guard", "startup", "plugin_imports"):
         assert "status" in report[section], section
