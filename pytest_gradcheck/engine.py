@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from ._options import check_batch_sizes, validate_options
 from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
 from .report import GradEquivReport
-from .verdict import run_check
+from .verdict import FlatGrads, run_check
 
 __all__ = ["assert_gradequiv", "assert_gradequiv_step"]
 
@@ -319,8 +319,17 @@ def _describe_leaf(path: str, t: torch.Tensor) -> str:
     return f"{path} (shape {tuple(t.shape)})"
 
 
-def _batch_size(batch: Any, allow_non_tensor: bool) -> int:
-    leaves, _ = pytree.tree_flatten(batch)
+def _batch_size(batch: Any, allow_non_tensor: bool, leaves: Optional[list] = None) -> int:
+    if leaves is None:
+        leaves, _ = pytree.tree_flatten(batch)
+    # the common case, without building the leaf descriptions an error message needs
+    sizes0 = {x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0}
+    if (
+        len(sizes0) == 1
+        and next(iter(sizes0)) >= 2
+        and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves)
+    ):
+        return int(next(iter(sizes0)))
     paths = _leaf_paths(batch)
     sizes: list[tuple[str, int]] = []
     for path, leaf in zip(paths, leaves):
@@ -443,14 +452,15 @@ class _TorchProblem:
         self.broadcast_scope = broadcast_scope
         self.build_step = build_step
         self.batch = batch
-        self.batch_size = _batch_size(batch, allow_non_tensor)
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not self.names:
+        self._leaves, self._spec = pytree.tree_flatten(batch)
+        self.batch_size = _batch_size(batch, allow_non_tensor, self._leaves)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
             raise InvalidArgument(
                 "the model has no parameter that requires grad: there is no gradient to check"
             )
-        params = dict(model.named_parameters())
-        self.params = [params[n] for n in self.names]
+        self.names = [n for n, _ in trainable]
+        self.params = [p for _, p in trainable]
         first = self.params[0]
         self.dtype = _dtype_name(first.dtype)
         self.device = str(first.device)
@@ -462,9 +472,7 @@ class _TorchProblem:
         self.watch_broadcast = watch_broadcast
         self.extra_modules = list(extra_modules)
         self._weight_candidates = weight_candidates
-        self._leaves, self._spec = pytree.tree_flatten(batch)
         self._copy_inputs = False
-        self._in_dims_tree: Any = None
         self.has_rnn = any(isinstance(m, torch.nn.RNNBase) for m in model.modules())
         self._batch_loss: dict[bool, float] = {}
         self._sample_losses: dict[bool, np.ndarray] = {}
@@ -653,24 +661,22 @@ class _TorchProblem:
         self._sample_losses[losses.dtype == torch.float64] = losses.detach().to("cpu", torch.float64).numpy()
 
     # -- reference computations ------------------------------------------------------------------
-    def _in_dims(self, batch: Any) -> Any:
-        if self._in_dims_tree is None:  # the same for every evaluation of this check
-            self._in_dims_tree = pytree.tree_unflatten(
-                [0 if isinstance(x, torch.Tensor) else None for x in self._leaves], self._spec
-            )
-        return self._in_dims_tree
-
     def _reference_vmap(
         self, state: Optional[dict], params: list[torch.Tensor], batch: Any, step: Callable, c: torch.Tensor
     ) -> Sequence[Optional[torch.Tensor]]:
-        def one(sample: Any) -> torch.Tensor:
-            one_batch = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, sample)
-            return _as_scalar_loss(self._call(state, one_batch, step), where="per-sample")
+        # Each tensor is viewed as (B, 1, ...) before vmap, so every sample arrives as a batch
+        # of one without a batched unsqueeze per input (each op under vmap costs ~20 us).
+        leaves, spec = pytree.tree_flatten(batch)
+        in_dims = tuple(0 if isinstance(x, torch.Tensor) else None for x in leaves)
+        shaped = [x.unsqueeze(1) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+        def one(*sample: Any) -> torch.Tensor:  # flat positional leaves: vmap's cheapest calling form
+            return _as_scalar_loss(self._call(state, pytree.tree_unflatten(list(sample), spec), step), where="per-sample")
 
         with _vmap_friendly_attention(self.params[0].device), _vmap_friendly_rnn(self.has_rnn):
-            losses = torch.func.vmap(one, in_dims=(self._in_dims(batch),), randomness="error")(batch)
+            losses = torch.func.vmap(one, in_dims=in_dims, randomness="error")(*shaped)
         self._keep_losses(losses)
-        total = (losses * c.to(losses.dtype)).sum()
+        total = torch.dot(losses, c if c.dtype == losses.dtype else c.to(losses.dtype))
         return torch.autograd.grad(total, params, allow_unused=True)
 
     def _reference_loop(
@@ -717,14 +723,19 @@ class _TorchProblem:
                 "cannot be checked per sample."
             ) from exc
 
-    def _to_numpy(self, grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for name, g, p in zip(self.names, grads, params):
-            if g is None:
-                out[name] = np.zeros(tuple(p.shape), dtype=np.float64)
-            else:
-                out[name] = g.detach().to("cpu", torch.float64).numpy()
-        return out
+    def _to_numpy(self, grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.Tensor]) -> FlatGrads:
+        """The gradients as one flat NumPy buffer with per-parameter views (see FlatGrads).
+
+        One ``torch.cat`` (and one device-to-host copy on GPUs); on CPU the buffer
+        is shared with the tensor, not copied again. float16/bfloat16 widen to float32.
+        """
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        parts = [
+            (torch.zeros(p.numel(), dtype=dtype, device=p.device) if g is None else g.detach().reshape(-1).to(dtype))
+            for g, p in zip(grads, params)
+        ]
+        flat = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=dtype)
+        return FlatGrads.from_flat(flat.numpy(), self.names, [tuple(p.shape) for p in params])
 
 
 def _first_line(exc: BaseException) -> str:
@@ -746,13 +757,14 @@ def _vmap_friendly_attention(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
+    # On CPU the choice is flash or math, so only the flash switch is flipped
+    # (torch.nn.attention.sdpa_kernel flips every backend and costs ~40 us a call).
+    enabled = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(False)
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
         yield
-        return
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+    finally:
+        torch.backends.cuda.enable_flash_sdp(enabled)
 
 
 _RNN_OPS: dict[Any, Any] = {}
@@ -852,7 +864,7 @@ def _as_scalar_loss(out: Any, where: str) -> torch.Tensor:
         )
     if not loss.is_floating_point():
         raise InvalidArgument(f"the loss ({where}) has dtype {loss.dtype}: a floating-point scalar is needed")
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 # --------------------------------------------------------------------------- model inspection
@@ -903,35 +915,40 @@ def _disable_dropout(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 class _SavedState:
-    """Snapshot of everything a check could disturb, restored on exit, pass or fail."""
+    """Snapshot of everything a check could disturb, restored on exit, pass or fail.
+
+    Tensors are compared by value on restore, not by version counter: a write
+    through ``.data`` (weight clipping, counters) does not bump ``_version``.
+    """
 
     def __init__(self, model: torch.nn.Module, extra: Sequence[torch.nn.Module]) -> None:
         modules = [model, *extra]
         self.training = [(m, m.training) for root in modules for m in root.modules()]
-        self.tensors: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.grads: list[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
         seen: set[int] = set()
-        for root in modules:
-            for t in [*root.parameters(), *root.buffers()]:
-                if id(t) in seen:
-                    continue
-                seen.add(id(t))
-                self.tensors.append((t, t._version, t.detach().clone()))
-                if isinstance(t, torch.nn.Parameter):
-                    g = t.grad
-                    self.grads.append((t, g, None if g is None else g.detach().clone()))
+        with torch.no_grad():
+            for root in modules:
+                for t in [*root.parameters(), *root.buffers()]:
+                    if id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                    self.tensors.append((t, t.detach().clone()))
+                    if isinstance(t, torch.nn.Parameter):
+                        g = t.grad
+                        self.grads.append((t, g, None if g is None else g.detach().clone()))
         self.default_dtype = torch.get_default_dtype()
         self.rng = torch.get_rng_state()
         self.cuda_rng = (
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         )
         self.py_rng = random.getstate()
-        self.np_rng = np.random.get_state()
+        self.np_rng = _NumpyGlobalRNG()
 
     def restore(self) -> None:
         with torch.no_grad():
-            for t, version, saved in self.tensors:
-                if t._version != version:
+            for t, saved in self.tensors:
+                if not torch.equal(t, saved):  # NaN compares unequal: copied back, harmless
                     t.copy_(saved)
             for p, g, saved_g in self.grads:
                 if p.grad is not g:
@@ -945,4 +962,51 @@ class _SavedState:
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         random.setstate(self.py_rng)
-        np.random.set_state(self.np_rng)
+        self.np_rng.restore()
+
+
+class _NumpyGlobalRNG:
+    """NumPy's legacy global generator (``np.random.*``), saved and restored exactly.
+
+    ``np.random.get_state()`` costs about 0.1 ms (it copies the Mersenne Twister
+    key element by element); restoring unconditionally would double that on
+    every check. The raw key and position are read through the bit generator's
+    documented ``ctypes`` interface to tell whether anything drew from it; the
+    state is put back only then, or when a cached Gaussian (legacy ``randn``)
+    could have been consumed without moving the key.
+    """
+
+    _RAW_BYTES = 624 * 4 + 4  # mt19937_state: uint32 key[624]; int pos
+    _raw_ok: Optional[bool] = None
+
+    def __init__(self) -> None:
+        self.state = np.random.get_state()
+        self.raw = self._raw()
+
+    @classmethod
+    def _raw_usable(cls) -> bool:
+        if cls._raw_ok is None:
+            try:
+                probe = np.random.RandomState(12345)
+                probe.random_sample(3)
+                _, key, pos, _, _ = probe.get_state()
+                import ctypes
+
+                raw = ctypes.string_at(probe._bit_generator.ctypes.state_address, cls._RAW_BYTES)
+                cls._raw_ok = raw == key.astype("<u4").tobytes() + int(pos).to_bytes(4, "little", signed=True)
+            except Exception:  # noqa: BLE001 - no ctypes interface: always restore
+                cls._raw_ok = False
+        return cls._raw_ok
+
+    def _raw(self) -> Optional[bytes]:
+        if not self._raw_usable():
+            return None
+        import ctypes
+
+        return ctypes.string_at(np.random.mtrand._rand._bit_generator.ctypes.state_address, self._RAW_BYTES)
+
+    def restore(self) -> None:
+        has_gauss = self.state[3]
+        if self.raw is not None and not has_gauss and self._raw() == self.raw:
+            return  # nothing drew from it
+        np.random.set_state(self.state)

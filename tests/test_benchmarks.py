@@ -78,6 +78,9 @@ def test_quick_benchmark_writes_expected_json(quick_report: dict[str, Any]) -> N
         assert "status" in report[section], section
     if report["startup"]["status"] == "ok":
         assert _positive(report["startup"]["with_ms"]) and _positive(report["startup"]["without_ms"])
+        assert isinstance(report["startup"]["paired_overhead_cpu_ms"], float)
+        target = next(t for t in report["targets"] if t["target"].startswith("plugin start-up"))
+        assert target["status"] == ("PASS" if report["startup"]["paired_overhead_cpu_ms"] <= 20.0 else "MISS")
     if report["plugin_imports"]["status"] == "ok":
         assert isinstance(report["plugin_imports"]["torch"], bool)
         assert isinstance(report["plugin_imports"]["numpy"], bool)

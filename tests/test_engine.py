@@ -461,6 +461,62 @@ def test_user_objects_are_left_as_found(loss) -> None:
     _assert_same(model, before)
 
 
+class WritesThroughData(nn.Module):
+    """Clips its weight and counts calls through ``.data``: writes that do not bump ``_version``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.fc.weight.data.mul_(0.5)
+        self.calls.data.add_(1)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("loss", [F.mse_loss, sum_mse], ids=["pass", "fail"])
+def test_writes_through_data_are_undone(loss) -> None:
+    # regression: restore trusted the version counter, which `.data` writes do not bump
+    model = WritesThroughData()
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    before = _snapshot(model)
+    try:
+        assert_gradequiv(model, loss, x, y, reference="loop")
+    except GradEquivError:
+        pass
+    _assert_same(model, before)
+
+
+class DrawsNumpyNormals(nn.Module):
+    """Draws one legacy Gaussian on its first call: it moves the key, or only uses the cached one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.drawn = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.drawn:
+            self.drawn = True
+            np.random.randn()
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("cached_gaussian", [False, True])
+def test_numpy_global_rng_is_restored_exactly(cached_gaussian: bool) -> None:
+    np.random.seed(7)
+    if cached_gaussian:
+        np.random.randn()  # leaves has_gauss = 1: the next draw does not touch the key
+    before = np.random.get_state()
+    try:
+        assert_gradequiv(DrawsNumpyNormals(), F.mse_loss, torch.randn(5, 4), torch.randn(5, 1), reference="loop")
+    except GradEquivError:
+        pass
+    after = np.random.get_state()
+    assert np.array_equal(after[1], before[1]) and after[2:] == before[2:]
+
+
 def test_inputs_modified_in_place_by_the_model_are_not_the_users() -> None:
     class InPlace(nn.Module):
         def __init__(self) -> None:
