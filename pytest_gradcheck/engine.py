@@ -323,13 +323,10 @@ def _batch_size(batch: Any, allow_non_tensor: bool, leaves: Optional[list] = Non
     if leaves is None:
         leaves, _ = pytree.tree_flatten(batch)
     # the common case, without building the leaf descriptions an error message needs
-    sizes0 = {x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0}
-    if (
-        len(sizes0) == 1
-        and next(iter(sizes0)) >= 2
-        and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves)
-    ):
-        return int(next(iter(sizes0)))
+    if all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves):
+        sizes0 = {int(x.shape[0]) for x in leaves}
+        if len(sizes0) == 1 and min(sizes0) >= 2:
+            return sizes0.pop()
     paths = _leaf_paths(batch)
     sizes: list[tuple[str, int]] = []
     for path, leaf in zip(paths, leaves):

@@ -107,6 +107,9 @@ class FlatGrads(dict):
     def from_flat(cls, flat: "np.ndarray", names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> "FlatGrads":
         import numpy as np
 
+        if flat.dtype not in (np.float32, np.float64):  # e.g. float16: widen once, to float32 at least
+            wide = np.result_type(np.float32, flat.dtype)
+            flat = flat.astype(wide if wide in (np.float32, np.float64) else np.float64)
         out = cls()
         out.flat = flat
         out.nonempty, starts, offset = [], [], 0
@@ -131,10 +134,7 @@ class FlatGrads(dict):
         if isinstance(grads, FlatGrads) and list(grads) == names:
             return grads
         arrays = [np.asarray(grads[n]) for n in names]
-        dtype = np.result_type(np.float32, *[a.dtype for a in arrays]) if arrays else np.dtype(np.float64)
-        if dtype not in (np.float32, np.float64):
-            dtype = np.dtype(np.float64)
-        flat = np.concatenate([a.reshape(-1).astype(dtype, copy=False) for a in arrays]) if arrays else np.zeros(0)
+        flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
         return cls.from_flat(flat, names, [a.shape for a in arrays])
 
 
@@ -147,8 +147,6 @@ class _Side:
 
         self.g = FlatGrads.of(grads, names)
         flat, starts = self.g.flat, self.g.starts
-        if flat.dtype not in (np.float32, np.float64):
-            flat = self.g.flat = flat.astype(np.float32 if flat.dtype.itemsize < 4 else np.float64)
         self.amax: dict[str, float] = dict.fromkeys(names, 0.0)
         self.sq: dict[str, float] = dict.fromkeys(names, 0.0)
         if len(starts):
