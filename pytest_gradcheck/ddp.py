@@ -52,7 +52,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._options import check_bool, check_choice, check_tolerance
-from .engine import _as_scalar_loss, _disable_dropout, _first_line
+from .engine import _as_scalar_loss, _default_dtype, _disable_dropout, _first_line
 from .errors import DDPTimeoutError, DDPWorkerError, GradCheckError, GradEquivError, InvalidArgument
 from .report import Finding, GradEquivReport
 from .verdict import compare_gradients, default_tolerances, run_check
@@ -547,19 +547,6 @@ def _convert(batch: Any, float64: bool, device: torch.device | None = None) -> A
         return y.clone()
 
     return pytree.tree_map(conv, batch)
-
-
-@contextlib.contextmanager
-def _default_dtype(float64: bool) -> Iterator[None]:
-    if not float64:
-        yield
-        return
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -152,10 +152,10 @@ class _Side:
         if len(starts):
             # max and -min, not |x|.max(): no temporary; NaN propagates through both
             hi, lo = np.maximum.reduceat(flat, starts), np.minimum.reduceat(flat, starts)
+            np.maximum(hi, np.negative(lo, out=lo), out=hi)
             sq = np.add.reduceat(np.square(flat), starts, dtype=np.float64)  # accumulated in float64
-            for i, n in enumerate(self.g.nonempty):
-                self.amax[n] = float(max(hi[i], -lo[i]))
-                self.sq[n] = float(sq[i])
+            self.amax.update(zip(self.g.nonempty, hi.tolist()))  # one conversion, not one per parameter
+            self.sq.update(zip(self.g.nonempty, sq.tolist()))
 
     def finite(self, name: str) -> bool:
         return math.isfinite(self.amax[name]) and math.isfinite(self.sq[name])
@@ -178,15 +178,14 @@ class _Pair:
         import numpy as np
 
         self.names = list(reference)
-        self.shapes = {n: tuple(int(x) for x in np.shape(reference[n])) for n in self.names}
         self.b = batch_side if batch_side is not None and list(batch_side.g) == self.names else _Side(batch, self.names)
         self.r = _Side(reference, self.names)
+        self.shapes = {n: tuple(int(x) for x in a.shape) for n, a in self.r.g.items()}
         self.dot: dict[str, float] = dict.fromkeys(self.names, 0.0)
         starts = self.r.g.starts
         if len(starts):
             dots = np.add.reduceat(np.multiply(self.b.g.flat, self.r.g.flat), starts, dtype=np.float64)
-            for i, n in enumerate(self.r.g.nonempty):
-                self.dot[n] = float(dots[i])
+            self.dot.update(zip(self.r.g.nonempty, dots.tolist()))
 
     def compare(self, k: float, rtol: float, atol: float, reduction: str, precision: str) -> Comparison:
         """Figures for ``batch`` against ``k * reference``."""
@@ -199,7 +198,7 @@ class _Pair:
             b, r = self.b.g.flat, self.r.g.flat
             diff = np.subtract(b, r) if k == 1.0 else np.subtract(b, np.multiply(r, k))
             np.abs(diff, out=diff)
-            worst = dict(zip(self.r.g.nonempty, (float(x) for x in np.maximum.reduceat(diff, starts))))
+            worst = dict(zip(self.r.g.nonempty, np.maximum.reduceat(diff, starts).tolist()))
         out = []
         for n in self.names:
             shape = self.shapes[n]

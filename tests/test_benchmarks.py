@@ -48,17 +48,20 @@ def test_quick_benchmark_writes_expected_json(quick_report: dict[str, Any]) -> N
     check_available = report["availability"]["assert_gradequiv"] == "ok"
     for key, row in rows.items():
         methods = row["methods"]
-        assert {"unit", "check", "naive", "vmap", "opacus"} <= set(methods), key
+        assert {"unit", "check", "floor", "naive", "vmap", "opacus"} <= set(methods), key
         assert _positive(methods["unit"]["median_ms"]), key
         assert methods["unit"]["ratio"] == 1.0
         for name in ("naive", "vmap"):
             assert _positive(methods[name]["ratio"]), (key, name, methods[name])
             assert _positive(methods[name]["median_ms"]), (key, name, methods[name])
         if check_available:
-            # A passing check on a correct model: a figure, not a note saying it failed.
+            # A passing check on a correct model: a figure, not a note saying it failed;
+            # and the two passes it cannot skip, timed alone (the floor) beside it.
             assert _positive(methods["check"].get("ratio")), (key, methods["check"])
+            assert _positive(methods["floor"].get("ratio")), (key, methods["floor"])
         else:
             assert "not available" in methods["check"]["note"]
+            assert "not available" in methods["floor"]["note"]
 
     memory = rows[("mlp", 64)]["memory"]
     assert "how" in memory or "notes" in memory

@@ -677,3 +677,27 @@ def test_packed_sequences_still_fall_back_to_the_loop() -> None:
     x, lengths = torch.randn(5, 6, 4), torch.tensor([6, 3, 5, 1, 2])
     report = assert_gradequiv(Packed(), F.mse_loss, (x, lengths), torch.randn(5, 1))
     assert report.passed and report.reference_method == "loop"
+
+
+def test_gradient_layout_matches_torch_for_strided_missing_and_widened_gradients() -> None:
+    """``_to_numpy`` (NumPy concatenation on CPU, torch.cat elsewhere) keeps every value in place."""
+    from pytest_gradcheck.engine import _TorchProblem, loss_step_builder
+
+    model = nn.Linear(3, 2)
+    problem = _TorchProblem(
+        model,
+        loss_step_builder(F.mse_loss, has_targets=True, targets_is_tuple=False),
+        ((torch.randn(4, 3),), (torch.randn(4, 2),)),
+    )
+    w, b = problem.params
+    expanded = torch.ones(()).expand(2, 3)  # stride 0, as autograd returns for sum()
+    transposed = torch.arange(6.0).reshape(3, 2).t()  # non-contiguous
+    for grads in [(expanded, None), (transposed, torch.tensor([1.0, -2.0])), (transposed.half(), b.detach().half())]:
+        flat = problem._to_numpy(grads, [w, b])
+        expected = torch.cat([
+            (torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, [w, b])
+        ]).numpy()
+        assert flat.flat.dtype == np.float32
+        np.testing.assert_array_equal(flat.flat, expected)
+        np.testing.assert_array_equal(flat["weight"], expected[:6].reshape(2, 3))
+        assert flat["bias"].shape == (2,)
