@@ -736,6 +736,7 @@ class _TorchProblem:
         36K-entry MLP, right after a matmul); otherwise one ``torch.cat`` and one
         device-to-host copy. float16/bfloat16 widen to float32.
         """
+        # params is self.params: the model's own parameters (the float64 re-check passes copies)
         if self._numpy_concat and params is self.params:
             try:
                 arrays = [
