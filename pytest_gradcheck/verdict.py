@@ -95,7 +95,8 @@ class FlatGrads(dict):
     buffer (``ufunc.reduceat`` per statistic) instead of ~10 calls per parameter,
     which dominated the check for models with many small parameters. Backends
     that can lay their gradients out this way (the torch backend: one
-    ``torch.cat``, then a zero-copy ``.numpy()``) build it with :meth:`from_flat`;
+    ``np.concatenate`` of the CPU gradients' shared memory, or one ``torch.cat``
+    and one copy to the host) build it with :meth:`from_flat`;
     any other mapping is concatenated once by :meth:`of`.
     """
 
