@@ -492,17 +492,17 @@ class _MicroBatchProblem(_TorchProblem):
 
     def sample(self, i: int) -> Any:
         """Micro-batch ``i``."""
-        return self._micro(pytree.tree_unflatten(list(self._leaves), self._spec), i)
+        return self._slice(self._leaves, *self.bounds[i])
 
-    def _micro(self, batch: Any, k: int) -> Any:
-        start, stop = self.bounds[k]
-        leaves, spec = pytree.tree_flatten(batch)
-        return pytree.tree_unflatten([x[start:stop] if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+    def _loss_of(self, state: Optional[dict], step: Callable, float64: bool) -> Callable[[int], torch.Tensor]:
+        leaves = self._batch_leaves(float64)
+        return lambda k: self._micro_loss(state, leaves, step, k)
 
-    def _micro_loss(self, state: Optional[dict], batch: Any, step: Callable, k: int) -> torch.Tensor:
+    def _micro_loss(self, state: Optional[dict], leaves: list[Any], step: Callable, k: int) -> torch.Tensor:
         start, stop = self.bounds[k]
         try:
-            loss = _as_scalar_loss(self._call(state, self._micro(batch, k), step), where=f"micro-batch {k}")
+            micro = self._slice(leaves, start, stop)
+            loss = _as_scalar_loss(self._call(state, micro, step), where=f"micro-batch {k}")
         except (InvalidArgument, GradEquivError):
             raise
         except Exception as exc:
@@ -522,8 +522,8 @@ class _MicroBatchProblem(_TorchProblem):
         step = self.build_step(None, float64)
         with self._precision(float64):
             state, params = self._state(float64)
-            batch = self._batch(float64)
-            losses = [self._micro_loss(state, batch, step, k) for k in range(self.batch_size)]
+            loss_of = self._loss_of(state, step, float64)
+            losses = [loss_of(k) for k in range(self.batch_size)]
             c = torch.as_tensor(coeffs, dtype=losses[0].dtype, device=losses[0].device)
             total = losses[0] * c[0]
             for k in range(1, len(losses)):
@@ -531,16 +531,3 @@ class _MicroBatchProblem(_TorchProblem):
             grads = torch.autograd.grad(total, params, allow_unused=True)
         self._keep_losses(torch.stack([loss.detach() for loss in losses]))
         return self._to_numpy(grads, params)
-
-    def per_sample_gradients(self, float64: bool) -> Optional[dict[str, np.ndarray]]:
-        step = self.build_step(None, float64)
-        out: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
-        with self._precision(float64):
-            state, params = self._state(float64)
-            batch = self._batch(float64)
-            for k in range(self.batch_size):
-                loss = self._micro_loss(state, batch, step, k)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for n, g in self._to_numpy(grads, params).items():
-                    out[n].append(g)
-        return {n: np.stack(v) for n, v in out.items()}

@@ -519,17 +519,23 @@ class _TorchProblem:
 
         return [conv(x) for x in self._leaves]
 
-    def _batch(self, float64: bool) -> Any:
-        """The whole batch as the model sees it (see :meth:`_batch_leaves`)."""
-        return self._tree(self._batch_leaves(float64))
-
     def _tree(self, leaves: Sequence[Any]) -> Any:
         """``leaves`` (in ``tree_flatten`` order) put back into the batch's structure."""
         return pytree.tree_unflatten(list(leaves), self._spec)
 
+    def _slice(self, leaves: Sequence[Any], start: int, stop: int) -> Any:
+        """Samples ``start:stop`` of ``leaves``, in the batch's structure."""
+        return self._tree([x[start:stop] if isinstance(x, torch.Tensor) else x for x in leaves])
+
     def _one(self, leaves: Sequence[Any], i: int) -> Any:
         """Sample ``i`` of ``leaves`` as a batch of one, in the batch's structure."""
-        return self._tree([x[i : i + 1] if isinstance(x, torch.Tensor) else x for x in leaves])
+        return self._slice(leaves, i, i + 1)
+
+    def _loss_of(self, state: Optional[dict], step: Callable, float64: bool) -> Callable[[int], torch.Tensor]:
+        """``i -> the scalar loss of unit i run alone`` (a unit is a sample here, a micro-batch
+        in the accumulation check, which overrides this)."""
+        leaves = self._batch_leaves(float64)
+        return lambda i: _as_scalar_loss(self._call(state, self._one(leaves, i), step), where="per-sample")
 
     def _retrying_with_copies(self, run: Callable[[], Any]) -> Any:
         try:
@@ -592,7 +598,8 @@ class _TorchProblem:
         step = self.build_step(record, float64)
         with self._precision(float64, internal=float64 or self.watch_broadcast):
             state, params = self._state(float64)
-            loss = _as_scalar_loss(self._call(state, self._batch(float64), step), where="batch")
+            batch = self._tree(self._batch_leaves(float64))
+            loss = _as_scalar_loss(self._call(state, batch, step), where="batch")
             grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else ()
             if all(g is None for g in grads):
                 raise InvalidArgument(
@@ -650,10 +657,9 @@ class _TorchProblem:
         out: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         with self._precision(float64):
             state, params = self._state(float64)
-            leaves = self._batch_leaves(float64)
+            loss_of = self._loss_of(state, step, float64)
             for i in range(self.batch_size):
-                loss = _as_scalar_loss(self._call(state, self._one(leaves, i), step), where="per-sample")
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = torch.autograd.grad(loss_of(i), params, allow_unused=True)
                 for n, g in self._to_numpy(grads, params).items():
                     out[n].append(g)
         return {n: np.stack(v) for n, v in out.items()}
