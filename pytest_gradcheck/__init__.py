@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "assert_accumulation_equiv_step": "accumulation",
     "fuzz_gradequiv": "fuzz",
     "assert_ddp_equiv": "ddp",
+    "assert_per_sample_gradients": "per_sample",
 }
 _SUBMODULES = frozenset({"strategies"})
 
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .fuzz import fuzz_gradequiv
     from .independence import BatchIndependenceReport, BatchLeakError, assert_batch_independent
     from .numpy_backend import assert_grad_numpy, assert_gradequiv_numpy
+    from .per_sample import assert_per_sample_gradients
     from .report import GradEquivReport
 
 

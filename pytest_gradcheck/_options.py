@@ -25,6 +25,7 @@ MARKER_OPTIONS = (
     "broadcast",
     "reference",
     "float64_recheck",
+    "per_sample",
 )
 
 
@@ -120,7 +121,7 @@ def validate_options(options: Mapping[str, Any], source: str = "argument") -> di
             out[key] = check_choice(value, key, BROADCAST_MODES, source)
         elif key == "reference":
             out[key] = check_choice(value, key, REFERENCE_METHODS, source)
-        elif key == "float64_recheck":
+        elif key in ("float64_recheck", "per_sample"):
             out[key] = check_bool(value, key, source)
         else:  # weights: a tensor, a sequence or a callable, checked by the engine
             out[key] = value

@@ -3,6 +3,12 @@
 The engines call :func:`record` after every check, pass or fail; the pytest
 plugin opens a :func:`collecting` scope around each test so that a test marked
 ``gradequiv`` that ran no check can be failed, and counts can be summarised.
+
+The open scopes are process-wide (guarded by a lock), not per thread: a test
+may run its check in a ``threading.Thread`` or a ``ThreadPoolExecutor`` worker,
+and the check counts for the test that is running. pytest runs one test at a
+time per process (pytest-xdist runs each worker in its own process), so a
+process-wide slot cannot mix two tests.
 """
 
 from __future__ import annotations
@@ -11,33 +17,29 @@ import contextlib
 import threading
 from typing import Any, Iterator
 
-_local = threading.local()
-
-
-def _stack() -> list[list[Any]]:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
+_lock = threading.Lock()
+_scopes: list[list[Any]] = []  # the open scopes, innermost last
 
 
 def record(report: Any) -> None:
-    """Note that a check ran (``report`` is its GradEquivReport)."""
-    for scope in _stack():
-        scope.append(report)
+    """Note that a check ran (``report`` is its GradEquivReport), from any thread."""
+    with _lock:
+        for scope in _scopes:
+            scope.append(report)
 
 
 @contextlib.contextmanager
 def collecting() -> Iterator[list[Any]]:
-    """Collect the reports of the checks run inside the ``with`` block."""
+    """Collect the reports of the checks run, in any thread, while the ``with`` block is open."""
     scope: list[Any] = []
-    stack = _stack()
-    stack.append(scope)
+    with _lock:
+        _scopes.append(scope)
     try:
         yield scope
     finally:
-        # by identity: two scopes holding equal (e.g. empty) lists compare equal
-        for i in range(len(stack) - 1, -1, -1):
-            if stack[i] is scope:
-                del stack[i]
-                break
+        with _lock:
+            # by identity: two scopes holding equal (e.g. empty) lists compare equal
+            for i in range(len(_scopes) - 1, -1, -1):
+                if _scopes[i] is scope:
+                    del _scopes[i]
+                    break

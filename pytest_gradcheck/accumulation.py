@@ -37,6 +37,8 @@ from .engine import (
     _TorchProblem,
     loss_call_arguments,
     loss_step_builder,
+    non_ignored_counts,
+    shifted_label,
 )
 from .errors import GradEquivError, InvalidArgument
 from .report import GradEquivReport
@@ -143,10 +145,8 @@ def assert_accumulation_equiv(
         out = _count_candidates(sizes)
         for t in targets_t:
             if _is_integer(t) and t.dim() >= 1 and bool((t == ignore).any()):
-                out.insert(
-                    1,
-                    (f"their number of non-ignored targets (targets != {ignore})", _valid_counts(t, bounds, ignore)),
-                )
+                label = f"their number of non-ignored targets (targets != {ignore})"
+                out[1:1] = _token_candidates(t, bounds, ignore, label)
         return out
 
     problem = _MicroBatchProblem(
@@ -220,13 +220,8 @@ def assert_accumulation_equiv_step(
         out = _count_candidates(sizes)
         for path, leaf in zip(paths, leaves):
             if isinstance(leaf, torch.Tensor) and _is_integer(leaf) and bool((leaf == _IGNORE_INDEX).any()):
-                out.insert(
-                    1,
-                    (
-                        f"their number of entries != {_IGNORE_INDEX} in {path}",
-                        _valid_counts(leaf, bounds, _IGNORE_INDEX),
-                    ),
-                )
+                label = f"their number of entries != {_IGNORE_INDEX} in {path}"
+                out[1:1] = _token_candidates(leaf, bounds, _IGNORE_INDEX, label)
         return out
 
     problem = _MicroBatchProblem(
@@ -307,9 +302,20 @@ def _is_integer(t: torch.Tensor) -> bool:
     return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
-def _valid_counts(t: torch.Tensor, bounds: Sequence[tuple[int, int]], ignore: int) -> np.ndarray:
-    valid = (t != ignore).reshape(t.shape[0], -1).sum(dim=1).to("cpu", torch.float64)
+def _valid_counts(t: torch.Tensor, bounds: Sequence[tuple[int, int]], ignore: int, shift: bool = False) -> np.ndarray:
+    valid = non_ignored_counts(t, ignore, shift)
     return np.asarray([float(valid[a:b].sum()) for a, b in bounds], dtype=np.float64)
+
+
+def _token_candidates(
+    t: torch.Tensor, bounds: Sequence[tuple[int, int]], ignore: int, label: str
+) -> list[tuple[str, np.ndarray]]:
+    """Per micro-batch: its non-ignored targets, and for (B, T) labels the same count after
+    the one-token shift a causal language model applies inside the model."""
+    out = [(label, _valid_counts(t, bounds, ignore))]
+    if t.dim() == 2 and t.shape[1] > 1:
+        out.append((shifted_label(ignore), _valid_counts(t, bounds, ignore, shift=True)))
+    return out
 
 
 def _count_candidates(sizes: Sequence[int]) -> list[tuple[str, np.ndarray]]:

@@ -1,4 +1,4 @@
-"""Guard against implicit broadcasting that expands *both* operands of an op.
+"""Guard against implicit broadcasting that pairs samples, like ``(4, 1) - (4,) -> (4, 4)``.
 
 The most common silent bug in a loss term is a shape mismatch between
 predictions and targets that PyTorch happily broadcasts into a pairwise
@@ -7,14 +7,55 @@ matrix::
     out = model(x)                       # (4, 1)
     loss = (out - labels).pow(2).mean()  # labels is (4,): (4, 1) - (4,) -> (4, 4)
 
-The rule: an op is flagged when, after broadcasting, **no** tensor operand
-already had the result's shape (each operand is compared right-aligned, i.e.
-rank-promoted with leading 1s, against the result). Operands that hold a
-single element (python numbers, 0-d tensors, ``(1,)``, ``(1, 1)``) never count.
-So ``(4, 1) - (4,)``, ``(N, 1) * (1, N)`` and ``mse_loss((B, 1), (B, 1, 1))``
-are flagged, while a ``(C,)`` bias over ``(B, C)``, a ``(B, T, 1)`` mask over
-``(B, T, D)`` or a ``(T, T)`` causal mask over ``(B, H, T, T)`` are not: one
-operand already has the result's shape.
+The rule, in two steps (the batch is on dim 0 of every operand):
+
+1. :func:`is_implicit_broadcast`: after broadcasting, **no** tensor operand
+   already had the result's shape (each operand is compared right-aligned,
+   i.e. rank-promoted with leading 1s, against the result). Operands that hold
+   a single element (python numbers, 0-d tensors, ``(1,)``, ``(1, 1)``) never
+   count. A ``(C,)`` bias over ``(B, C)``, a ``(B, T, 1)`` mask over
+   ``(B, T, D)`` or a ``(T, T)`` causal mask over ``(B, H, T, T)`` are not
+   flagged: one operand already has the result's shape.
+2. :func:`pairs_samples`: the broadcast may put one sample against another.
+
+   - With the batch size ``B`` known (the gradient checks pass it; so can
+     ``no_implicit_broadcast(batch_size=B)``), it pairs samples when one
+     operand has a size-``B`` axis that another operand is expanded along,
+     and that other operand has a size-``B`` axis of its own that the first is
+     expanded along: ``(4, 1) - (4,)``, ``(B, 1)`` against ``(B, 1, 1)``,
+     ``(B, 1)`` against ``(1, B)``. Two operands whose dim 0 sits on the same
+     axis of the result with size ``B`` have their batches aligned: whatever
+     they pair, they pair within one sample. So a length mask
+     ``(1, T) < (B, 1)``, rotary angles ``(1, T, 1) * (D,)`` or a loss weight
+     ``(B, 1) * (1, 3)`` are not flagged. A batch of one pairs nothing. The
+     test is by size, so a non-batch axis that happens to have size ``B``
+     counts as a possible batch axis.
+   - With the batch size unknown, every implicit broadcast is flagged, as the
+     ambiguous cases must be, except when all the operands that count have
+     the same rank and the same size on dim 0: then dim 0 (the batch axis) is
+     neither expanded nor paired, and the op pairs values within one sample,
+     like ``(B, D, 1) - (B, 1, D)`` (a Chamfer distance) or a
+     ``(1, 1, T, 1) <= (1, 1, 1, T)`` causal mask.
+
+Whose broadcast it is: an op is attributed to the user's code, the first
+frame outside torch, numpy, ``pytest_gradcheck``, the standard library and
+installed libraries (files under ``site-packages``/``dist-packages``: the
+``sysconfig`` ``purelib``/``platlib`` paths, :func:`site.getsitepackages`, the
+user site and any such directory on ``sys.path``). torch, numpy,
+``pytest_gradcheck`` and the standard library are *transparent*: an op they run
+for the caller is the caller's. An op run by an installed library's own code
+(transformers' causal and padding masks, rotary embeddings) is the library's
+deliberate broadcast and is not recorded at all, even when the user's code
+called the library; a user function the library calls back is user code
+again. A project tested from an installed (non-editable) copy in
+``site-packages`` counts as a library too.
+
+A record says whether the op was between the loss's inputs
+(:attr:`BroadcastRecord.loss_inputs`): an elementwise loss's input and
+target, or an op between a tensor computed from the model's parameters (a
+prediction) and one that is not (a target). Only those get a "reshape the target" suggestion
+(``labels.unsqueeze(-1)``, ``.view_as(...)``); a term between predictions
+only, like in-batch pairs, is pointed at :func:`allow_broadcast` instead.
 
 Public entry points:
 
@@ -22,9 +63,9 @@ Public entry points:
   ``mode`` of ``"error"`` (default), ``"warn"``, ``"record"`` or ``"off"``.
 - :func:`allow_broadcast`: opt-out for intentional pairwise terms.
 - :func:`recording`: what the gradient checks use around the loss call.
-- :func:`is_implicit_broadcast`, :func:`broadcast_shape`, :func:`suggest_fix`,
-  :func:`user_frame`, :func:`make_record`: pure-python helpers shared with the
-  NumPy backend.
+- :func:`is_implicit_broadcast`, :func:`pairs_samples`, :func:`broadcast_shape`,
+  :func:`suggest_fix`, :func:`user_frame`, :func:`make_record`: pure-python
+  helpers shared with the NumPy backend.
 
 Nesting and threads:
 
@@ -32,12 +73,14 @@ Nesting and threads:
   innermost first, each per its own mode: a ``"warn"`` guard warns and lets the
   op run, a ``"record"`` guard only records, an ``"error"`` guard raises
   :class:`~pytest_gradcheck.errors.BroadcastError` before the op runs (so the
-  guards around it do not see the op run, but they still get the record).
+  guards around it do not see the op run, but they still get the record when
+  their own rule flags it).
 - :func:`allow_broadcast` silences the guards entered *before* it; a guard
   entered inside an ``allow_broadcast()`` block is active again.
 - Guards are per thread (PyTorch's function-mode stack is thread-local): a
   guard entered in one thread never sees ops run by another thread.
-- Under ``torch.func.vmap`` the shapes seen and reported are per-sample shapes.
+- Under ``torch.func.vmap`` the shapes seen and reported are per-sample shapes
+  (a ``batch_size`` then refers to those shapes).
 
 Importing this module imports neither torch nor numpy.
 """
@@ -54,7 +97,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .errors import BroadcastError, BroadcastWarning, InvalidArgument
 
@@ -65,6 +108,7 @@ __all__ = [
     "is_implicit_broadcast",
     "make_record",
     "no_implicit_broadcast",
+    "pairs_samples",
     "recording",
     "report_broadcast",
     "suggest_fix",
@@ -96,6 +140,12 @@ def _numel(shape: Sequence[int]) -> int:
 class BroadcastRecord:
     """One op that broadcast both (all) of its tensor operands.
 
+    ``loss_inputs`` is True when the operands were the loss's inputs (an
+    elementwise loss's input and target, or a prediction computed from the
+    model's parameters against a target that is not), and when that cannot be
+    told (no tensors seen, no parameters involved); False for a term between
+    predictions only (in-batch pairs). Only the former get a reshape suggestion.
+
     >>> r = BroadcastRecord("sub", ((4, 1), (4,)), (4, 4), "/x/test_xor.py", 21,
     ...                     "loss = (out - labels).pow(2).mean()",
     ...                     "did you mean labels.unsqueeze(-1)?")
@@ -110,6 +160,7 @@ class BroadcastRecord:
     lineno: int
     code: str | None = None
     suggestion: str | None = None
+    loss_inputs: bool = True
 
     def location(self) -> str:
         """``basename:line`` of the user's statement, e.g. ``"test_xor.py:21"``."""
@@ -200,6 +251,56 @@ def is_implicit_broadcast(shapes: Sequence[Sequence[int]], result: Sequence[int]
     return counted >= 2
 
 
+def _check_batch_size(batch_size: Any, where: str) -> int | None:
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgument(f"{where}: batch_size must be None or a positive int, got {batch_size!r}")
+    return batch_size
+
+
+def pairs_samples(shapes: Sequence[Sequence[int]], result: Sequence[int], *, batch_size: int | None = None) -> bool:
+    """True when broadcasting ``shapes`` to ``result`` is implicit and may pair samples.
+
+    The batch is on dim 0. With ``batch_size`` known, samples are paired when
+    two operands each have a size-``batch_size`` axis that the other is
+    expanded along, unless their dim 0 are the same axis of the result (their
+    batches line up). Without it, every :func:`is_implicit_broadcast` counts,
+    except when the operands that count share their rank and their dim 0
+    size (the op then pairs within one sample). See the module docstring.
+
+    >>> pairs_samples([(4, 1), (4,)], (4, 4))                   # seed 000
+    True
+    >>> pairs_samples([(8, 5, 1), (8, 1, 5)], (8, 5, 5))        # within each sample
+    False
+    >>> pairs_samples([(1, 7), (5, 1)], (5, 7))                 # ambiguous without B
+    True
+    >>> pairs_samples([(1, 7), (5, 1)], (5, 7), batch_size=5)   # a length mask
+    False
+    """
+    batch_size = _check_batch_size(batch_size, "pairs_samples")
+    if not is_implicit_broadcast(shapes, result):
+        return False
+    result = tuple(result)
+    n = len(result)
+    big = [tuple(s) for s in shapes if _numel(s) != 1]
+    if batch_size is None:
+        return not (len({len(s) for s in big}) == 1 and len({s[0] for s in big}) == 1)
+    if batch_size == 1:
+        return False
+    padded = [(1,) * (n - len(s)) + s for s in big]
+    for i, a in enumerate(padded):
+        for j in range(i + 1, len(padded)):
+            b = padded[j]
+            if len(big[i]) == len(big[j]) and big[i][0] == big[j][0] == batch_size:
+                continue  # dim 0 of both on one axis: their batches are aligned
+            a_over_b = any(x == batch_size and y == 1 for x, y in zip(a, b))
+            b_over_a = any(y == batch_size and x == 1 for x, y in zip(a, b))
+            if a_over_b and b_over_a:
+                return True
+    return False
+
+
 # --------------------------------------------------------------------------
 # Suggestions
 # --------------------------------------------------------------------------
@@ -270,7 +371,21 @@ _CALL_ALIASES: dict[str, frozenset[str]] = {
     "true_divide": frozenset({"div", "divide", "true_divide"}),
 }
 _OPERAND_KEYWORDS = frozenset(
-    {"input", "other", "target", "input1", "input2", "condition", "end", "tensor1", "tensor2", "exponent", "var", "x", "y"}
+    {
+        "input",
+        "other",
+        "target",
+        "input1",
+        "input2",
+        "condition",
+        "end",
+        "tensor1",
+        "tensor2",
+        "exponent",
+        "var",
+        "x",
+        "y",
+    }
 )
 
 
@@ -409,40 +524,149 @@ def suggest_fix(
 # --------------------------------------------------------------------------
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_SKIP_FILES = frozenset(
-    f for f in (getattr(contextlib, "__file__", None), getattr(functools, "__file__", None)) if f
-)
+_SKIP_FILES = frozenset(f for f in (getattr(contextlib, "__file__", None), getattr(functools, "__file__", None)) if f)
+
+#: What a frame's file is: machinery (torch, numpy, functorch, pytest_gradcheck,
+#: the standard library: transparent, an op it runs is its caller's), an
+#: installed library (an op it runs is its own), or the user's code.
+_MACHINERY, _LIBRARY, _USER = 0, 1, 2
+
+#: Directories whose files count as library code besides the site-packages
+#: directories found from ``sysconfig``, :mod:`site` and ``sys.path`` (a
+#: private hook: tests and vendored code may set it to a tuple of directories).
+_EXTRA_LIBRARY_ROOTS: tuple[str, ...] = ()
+
+_SITE_DIR_NAMES = ("site-packages", "dist-packages")
 
 
-_prefix_cache: dict[tuple[Any, ...], tuple[str, ...]] = {}
+def _dir_prefixes(paths: Iterable[str | None]) -> list[str]:
+    """``normcase``d absolute and real forms of ``paths``, each ending in a separator."""
+    out: list[str] = []
+    for p in paths:
+        if not p or not isinstance(p, str):
+            continue
+        for q in (os.path.abspath(p), os.path.realpath(p)):
+            q = os.path.normcase(q)
+            if os.path.dirname(q) == q:
+                continue  # a filesystem root would swallow everything
+            out.append(q.rstrip(os.sep) + os.sep)
+    return out
 
 
-def _skip_prefixes() -> tuple[str, ...]:
+def _library_dirs() -> list[str | None]:
+    """Where installed third-party code lives, for this interpreter and its base."""
+    import site
+    import sysconfig
+
+    dirs: list[str | None] = []
+    for config_vars in (None, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
+        paths = sysconfig.get_paths(vars=config_vars)
+        dirs += [paths.get("purelib"), paths.get("platlib")]
+    getsitepackages = getattr(site, "getsitepackages", None)  # absent in old virtualenvs
+    if getsitepackages is not None:
+        dirs += list(getsitepackages())
+    if getattr(site, "ENABLE_USER_SITE", False):
+        dirs.append(site.getusersitepackages())
+    for entry in sys.path:
+        if isinstance(entry, str) and os.path.basename(entry.rstrip("/" + os.sep)) in _SITE_DIR_NAMES:
+            dirs.append(entry)
+    dirs += list(_EXTRA_LIBRARY_ROOTS)
+    return dirs
+
+
+def _stdlib_dirs() -> list[str | None]:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    return [os.path.dirname(os.__file__), paths.get("stdlib"), paths.get("platstdlib")]
+
+
+class _Classifier:
+    """Classifies files by directory; rebuilt when ``sys.path`` or the hooks change."""
+
+    __slots__ = ("key", "kinds", "library", "machinery", "stdlib")
+
+    def __init__(self, key: tuple[Any, ...], mods: Sequence[Any]) -> None:
+        self.key = key
+        machinery = [_PACKAGE_DIR, os.path.dirname(__file__) + os.sep]
+        for mod in mods:
+            path = getattr(mod, "__file__", None) if mod is not None else None
+            if path:
+                machinery.append(os.path.dirname(path))
+        self.machinery = tuple(dict.fromkeys(_dir_prefixes(machinery)))
+        self.library = tuple(dict.fromkeys(_dir_prefixes(_library_dirs())))
+        self.stdlib = tuple(dict.fromkeys(_dir_prefixes(_stdlib_dirs())))
+        self.kinds: dict[str, int] = {}
+
+    def kind(self, filename: str) -> int:
+        kind = self.kinds.get(filename)
+        if kind is None:
+            kind = self.kinds[filename] = self._kind(filename)
+        return kind
+
+    def _kind(self, filename: str) -> int:
+        if filename in _SKIP_FILES or filename.startswith("<frozen "):
+            return _MACHINERY
+        if filename.startswith("<"):
+            return _USER  # "<string>", "<doctest ...>", "<stdin>": code the user ran
+        forms = {os.path.normcase(os.path.abspath(filename))}
+        forms.add(os.path.normcase(os.path.realpath(filename)))
+        for prefixes, kind in ((self.machinery, _MACHINERY), (self.library, _LIBRARY), (self.stdlib, _MACHINERY)):
+            if any(f.startswith(prefixes) for f in forms):
+                return kind
+        return _USER
+
+
+_classifier: _Classifier | None = None
+
+
+def _current_classifier() -> _Classifier:
+    global _classifier
     mods = tuple(sys.modules.get(name) for name in ("torch", "numpy", "functorch"))
-    key = tuple(id(m) for m in mods)
-    cached = _prefix_cache.get(key)
-    if cached is not None:
-        return cached
-    prefixes = [_PACKAGE_DIR, os.path.dirname(__file__) + os.sep]
-    for mod in mods:
-        path = getattr(mod, "__file__", None) if mod is not None else None
-        if path:
-            prefixes.append(os.path.dirname(path) + os.sep)
-            prefixes.append(os.path.dirname(os.path.realpath(path)) + os.sep)
-    result = tuple(dict.fromkeys(prefixes))
-    _prefix_cache[key] = result
-    return result
+    key = (tuple(id(m) for m in mods), tuple(sys.path), _EXTRA_LIBRARY_ROOTS)
+    c = _classifier
+    if c is None or c.key != key:
+        c = _classifier = _Classifier(key, mods)
+    return c
+
+
+def _library_roots() -> tuple[str, ...]:
+    """The directory prefixes whose files count as installed libraries."""
+    return _current_classifier().library
+
+
+def _frame_kind(filename: str) -> int:
+    """``_MACHINERY``, ``_LIBRARY`` or ``_USER`` for a code object's ``co_filename``."""
+    return _current_classifier().kind(filename)
 
 
 def _find_user_frame(start: FrameType | None = None) -> FrameType | None:
-    prefixes = _skip_prefixes()
-    f = start if start is not None else sys._getframe(1)
+    """The first user frame from ``start`` outwards, past machinery and libraries."""
+    kind = _current_classifier().kind
+    f: FrameType | None = start if start is not None else sys._getframe(1)
     while f is not None:
-        filename = f.f_code.co_filename
-        if not filename.startswith(prefixes) and filename not in _SKIP_FILES:
+        if kind(f.f_code.co_filename) == _USER:
             return f
         f = f.f_back
     return None
+
+
+def _op_site(start: FrameType | None) -> tuple[FrameType | None, bool]:
+    """``(user frame, False)`` for an op the user's code ran; ``(None, True)`` for a library's.
+
+    The op belongs to the first frame outside the machinery: a library frame
+    there means the library ran it (even if the user called the library).
+    """
+    kind = _current_classifier().kind
+    f = start
+    while f is not None:
+        k = kind(f.f_code.co_filename)
+        if k == _USER:
+            return f, False
+        if k == _LIBRARY:
+            return None, True
+        f = f.f_back
+    return None, False
 
 
 def _source_line(frame: FrameType) -> str | None:
@@ -480,7 +704,7 @@ def _current_expression(frame: FrameType) -> str | None:
 
 def user_frame() -> tuple[str, int, str | None]:
     """``(filename, lineno, source line)`` of the first frame outside torch, numpy,
-    pytest_gradcheck, contextlib and functools.
+    pytest_gradcheck, the standard library and installed libraries.
 
     >>> filename, lineno, code = user_frame()
     >>> isinstance(lineno, int)
@@ -495,7 +719,13 @@ def user_frame() -> tuple[str, int, str | None]:
         del frame
 
 
-def _record_at(op: str, shapes: Sequence[Sequence[int]], result: Sequence[int], frame: FrameType | None) -> BroadcastRecord:
+def _record_at(
+    op: str,
+    shapes: Sequence[Sequence[int]],
+    result: Sequence[int],
+    frame: FrameType | None,
+    loss_inputs: bool = True,
+) -> BroadcastRecord:
     shapes_t = tuple(tuple(int(d) for d in s) for s in shapes)
     result_t = tuple(int(d) for d in result)
     if frame is None:
@@ -505,15 +735,21 @@ def _record_at(op: str, shapes: Sequence[Sequence[int]], result: Sequence[int], 
         code = _source_line(frame)
         expr = _current_expression(frame)
     suggestion = None
-    if expr is not None:
-        suggestion = suggest_fix(shapes_t, result_t, expr, op=op)
-    if suggestion is None or not suggestion.startswith("did you mean"):
-        suggestion = suggest_fix(shapes_t, result_t, code, op=op)
-    return BroadcastRecord(op, shapes_t, result_t, filename, lineno, code, suggestion)
+    if not loss_inputs:
+        # Not predictions against targets: a reshape would be a guess.
+        suggestion = f"wrap it in allow_broadcast() if the {_fmt(result_t)} result is intended"
+    else:
+        if expr is not None:
+            suggestion = suggest_fix(shapes_t, result_t, expr, op=op)
+        if suggestion is None or not suggestion.startswith("did you mean"):
+            suggestion = suggest_fix(shapes_t, result_t, code, op=op)
+    return BroadcastRecord(op, shapes_t, result_t, filename, lineno, code, suggestion, loss_inputs)
 
 
 def make_record(op: str, shapes: Sequence[Sequence[int]], result: Sequence[int]) -> BroadcastRecord:
     """A :class:`BroadcastRecord` located at the caller's user frame, with a suggestion.
+
+    The frame is found as by :func:`user_frame` (library frames are skipped).
 
     >>> r = make_record("subtract", [(4, 1), (4,)], (4, 4))
     >>> r.describe()
@@ -537,13 +773,14 @@ _allow_lock = threading.Lock()
 
 
 class _Guard:
-    """One entered guard: its mode, its records and its entry order."""
+    """One entered guard: its mode, its records, its batch size (or None) and its entry order."""
 
-    __slots__ = ("mode", "records", "seq")
+    __slots__ = ("batch_size", "mode", "records", "seq")
 
-    def __init__(self, mode: str, records: list[BroadcastRecord]) -> None:
+    def __init__(self, mode: str, records: list[BroadcastRecord], batch_size: int | None = None) -> None:
         self.mode = mode
         self.records = records
+        self.batch_size = batch_size
         self.seq = next(_seq)
 
     def active(self) -> bool:
@@ -613,10 +850,12 @@ def _warn(record: BroadcastRecord, frame: FrameType | None) -> None:
 def report_broadcast(op: str, shapes: Sequence[Sequence[int]], result: Sequence[int]) -> BroadcastRecord | None:
     """Hand a broadcast found by another backend (NumPy) to this thread's guards.
 
-    Returns ``None`` when the op is not an implicit broadcast or no active
-    guard wants it. Otherwise every active guard records it, ``"warn"`` guards
+    Returns ``None`` when the op is not an implicit broadcast, no active
+    guard wants it, or an installed library's code ran it (see the module
+    docstring). Otherwise every active guard records it, ``"warn"`` guards
     warn, and if any active guard is in ``"error"`` mode a
-    :class:`~pytest_gradcheck.errors.BroadcastError` is raised.
+    :class:`~pytest_gradcheck.errors.BroadcastError` is raised. The caller has
+    decided that the op pairs samples (the NumPy backend tracks batch axes).
 
     >>> report_broadcast("subtract", [(4, 1), (4,)], (4, 4)) is None   # no guard
     True
@@ -627,7 +866,9 @@ def report_broadcast(op: str, shapes: Sequence[Sequence[int]], result: Sequence[
     guards = [g for g in reversed(_guards()) if g.active() and g.mode != "off"]
     if not guards:
         return None
-    frame = _find_user_frame(sys._getframe(1))
+    frame, library = _op_site(sys._getframe(1))
+    if library:
+        return None
     try:
         record = _record_at(op, shapes, result, frame)
         for g in guards:
@@ -754,6 +995,76 @@ def _covers(big: Any, small: Any) -> bool:
     return True
 
 
+def _operands(spec: _Spec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The tensor operands of a watched op, in the user's order."""
+    tensor: Any = _TENSOR
+    if spec.kind == _KIND_ELEMENTWISE:
+        tensors = [a for a in args if isinstance(a, tensor)]
+        if kwargs:
+            tensors += [v for k, v in kwargs.items() if k != "out" and isinstance(v, tensor)]
+        if spec.reverse and len(tensors) == 2:
+            tensors.reverse()  # x.__rsub__(y) is y - x: report in the user's order
+        return tensors
+    tensors = []
+    for pos, key in spec.operands:
+        v = args[pos] if len(args) > pos else kwargs.get(key)
+        if isinstance(v, tensor):
+            tensors.append(v)
+    return tensors
+
+
+def _depends_on_parameter(t: Any, budget: int = 10_000) -> bool:
+    """Whether ``t`` is, or was computed from, an ``nn.Parameter`` (a model's weights).
+
+    Walks the autograd graph breadth first, so the nearest weight is found in a
+    few steps; a graph larger than ``budget`` nodes counts as a prediction.
+    """
+    from collections import deque
+
+    from torch.nn import Parameter
+
+    if isinstance(t, Parameter):
+        return True
+    fn = getattr(t, "grad_fn", None)
+    if fn is None:
+        return False
+    seen = {fn}
+    queue = deque([fn])
+    while queue:
+        node = queue.popleft()
+        if isinstance(getattr(node, "variable", None), Parameter):
+            return True
+        for nxt, _ in getattr(node, "next_functions", ()):
+            if nxt is not None and nxt not in seen:
+                if len(seen) >= budget:
+                    return True
+                seen.add(nxt)
+                queue.append(nxt)
+    return False
+
+
+def _between_loss_inputs(spec: _Spec, tensors: Sequence[Any]) -> bool:
+    """Whether the operands are the loss's inputs: predictions against targets.
+
+    An elementwise loss's input and target are. Otherwise the floating-point
+    operands tell: one computed from the model's parameters (a prediction)
+    against one that is not (a target, a mask, data). When all of them come
+    from parameters the op is a term of predictions only (in-batch pairs).
+    When none does, or there are fewer than two, it cannot be told: True.
+    (``requires_grad`` would not tell: the checks pass the batch as aliases
+    that require grad.)
+    """
+    if spec.kind == _KIND_LOSS:
+        return True
+    floats = [t for t in tensors if (t.dtype.is_floating_point or t.dtype.is_complex) and t.numel() != 1]
+    if len(floats) < 2:
+        return True
+    try:
+        return not all(_depends_on_parameter(t) for t in floats)
+    except (RuntimeError, TypeError, AttributeError):  # pragma: no cover - an exotic tensor subclass
+        return True
+
+
 def _operand_shapes(spec: _Spec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Shape] | None:
     """Shapes of the tensor operands, or None when the op cannot be an implicit broadcast."""
     tensor: Any = _TENSOR
@@ -768,17 +1079,9 @@ def _operand_shapes(spec: _Spec, args: tuple[Any, ...], kwargs: dict[str, Any]) 
                 return None
             shapes = [s1, s0] if spec.reverse else [s0, s1]
         else:
-            shapes = [a.shape for a in args if isinstance(a, tensor)]
-            if kwargs:
-                shapes += [v.shape for k, v in kwargs.items() if k != "out" and isinstance(v, tensor)]
-            if spec.reverse and len(shapes) == 2:
-                shapes.reverse()  # x.__rsub__(y) is y - x: report in the user's order
+            shapes = [t.shape for t in _operands(spec, args, kwargs)]
     else:
-        shapes = []
-        for pos, key in spec.operands:
-            v = args[pos] if len(args) > pos else kwargs.get(key)
-            if isinstance(v, tensor):
-                shapes.append(v.shape)
+        shapes = [t.shape for t in _operands(spec, args, kwargs)]
         if spec.name == "gaussian_nll_loss" and len(shapes) == 3:
             inp, var = shapes[0], shapes[2]
             if var != inp and tuple(inp)[:-1] == tuple(var):
@@ -848,13 +1151,15 @@ def _mode_class() -> type:
     return _MODE_CLASS
 
 
-def _check_and_call(guard: _Guard, spec: _Spec, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _check_and_call(
+    guard: _Guard, spec: _Spec, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     __tracebackhide__ = True
     shapes = _operand_shapes(spec, args, kwargs)
     if shapes is not None and guard.active():
         result = broadcast_shape(shapes)
-        if result is not None and is_implicit_broadcast(shapes, result):
-            _flag(guard, spec, shapes, result)
+        if result is not None and pairs_samples(shapes, result, batch_size=guard.batch_size):
+            _flag(guard, spec, shapes, result, args, kwargs)
             if spec.kind == _KIND_LOSS:
                 with warnings.catch_warnings():
                     # torch's own "Using a target size ... different to the input size"
@@ -863,17 +1168,27 @@ def _check_and_call(guard: _Guard, spec: _Spec, func: Callable[..., Any], args: 
     return func(*args, **kwargs)
 
 
-def _flag(guard: _Guard, spec: _Spec, shapes: list[Shape], result: Shape) -> None:
+def _flag(
+    guard: _Guard, spec: _Spec, shapes: list[Shape], result: Shape, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
     __tracebackhide__ = True
-    frame = _find_user_frame(sys._getframe(1))
+    frame, library = _op_site(sys._getframe(1))
+    if library:
+        return  # an installed library's own, deliberate broadcast
     try:
-        record = _record_at(spec.name, shapes, result, frame)
+        loss_inputs = _between_loss_inputs(spec, _operands(spec, args, kwargs))
+        record = _record_at(spec.name, shapes, result, frame, loss_inputs)
         guard.records.append(record)
         if guard.mode == "error":
             # The op will not run, so the guards around this one would never
             # see it: give them the record before raising.
             for other in _guards():
-                if other.seq < guard.seq and other.active() and other.records is not guard.records:
+                if (
+                    other.seq < guard.seq
+                    and other.active()
+                    and other.records is not guard.records
+                    and pairs_samples(shapes, result, batch_size=other.batch_size)
+                ):
                     other.records.append(record)
             raise BroadcastError(record.message(), [record])
         if guard.mode == "warn":
@@ -896,6 +1211,12 @@ class no_implicit_broadcast(contextlib.ContextDecorator):
     pointing at the user's line; ``"record"`` only records; ``"off"`` installs
     nothing. ``with`` yields :attr:`records`, filled in every mode.
 
+    ``batch_size``: the batch size of the tensors in the block, if known; then
+    only broadcasts that pair samples are flagged (a ``(1, T) < (B, 1)`` length
+    mask is not). Without it the ambiguous cases are flagged; see
+    :func:`pairs_samples`. Broadcasts run by installed libraries' own code
+    (transformers' masks, rotary embeddings) are never flagged.
+
     Watched: elementwise/binary ops (``add``, ``sub``, ``mul``, ``div``,
     ``pow``, comparisons, logical/bitwise ops, ``where``, ``lerp``,
     ``addcmul``, ... in function, method, operator and in-place forms) and the
@@ -913,19 +1234,20 @@ class no_implicit_broadcast(contextlib.ContextDecorator):
     As a decorator, each call gets its own guard; all calls share ``records``.
     """
 
-    def __init__(self, mode: str = "error") -> None:
+    def __init__(self, mode: str = "error", *, batch_size: int | None = None) -> None:
         if not isinstance(mode, str) or mode not in MODES:
             raise InvalidArgument(
-                f"no_implicit_broadcast(mode={mode!r}): mode must be one of "
-                + ", ".join(repr(m) for m in MODES)
+                f"no_implicit_broadcast(mode={mode!r}): mode must be one of " + ", ".join(repr(m) for m in MODES)
             )
         self.mode = mode
+        self.batch_size = _check_batch_size(batch_size, "no_implicit_broadcast")
         self.records: list[BroadcastRecord] = []
         self._entered: list[tuple[_Guard, Any]] = []
 
     def _recreate_cm(self) -> no_implicit_broadcast:
         fresh = type(self).__new__(type(self))
         fresh.mode = self.mode
+        fresh.batch_size = self.batch_size
         fresh.records = self.records
         fresh._entered = []
         return fresh
@@ -936,7 +1258,7 @@ class no_implicit_broadcast(contextlib.ContextDecorator):
             # enclosing entry already watches this thread.
             self._entered.append((None, None))  # type: ignore[arg-type]
             return self.records
-        guard = _Guard(self.mode, self.records)
+        guard = _Guard(self.mode, self.records, self.batch_size)
         torch_mode = _mode_class()(guard)
         stack = _guards()
         stack.append(guard)
@@ -961,14 +1283,20 @@ class no_implicit_broadcast(contextlib.ContextDecorator):
         return False
 
     def __repr__(self) -> str:
-        return f"no_implicit_broadcast(mode={self.mode!r})"
+        if self.batch_size is None:
+            return f"no_implicit_broadcast(mode={self.mode!r})"
+        return f"no_implicit_broadcast(mode={self.mode!r}, batch_size={self.batch_size})"
 
 
 @contextlib.contextmanager
-def recording(enabled: bool = True, *, torch_ops: bool = True) -> Iterator[list[BroadcastRecord]]:
+def recording(
+    enabled: bool = True, *, torch_ops: bool = True, batch_size: int | None = None
+) -> Iterator[list[BroadcastRecord]]:
     """Record implicit broadcasts in the block; never raise, never warn.
 
-    Used by the gradient checks around the loss call. Honours
+    Used by the gradient checks around the loss call (or the whole step),
+    with the ``batch_size`` of the batch run so that only broadcasts that pair
+    samples are recorded (see :func:`pairs_samples`). Honours
     :func:`allow_broadcast`. With ``enabled=False`` it installs nothing and
     yields an empty list. With ``torch_ops=False`` it watches no torch op (and
     imports no torch): it only joins this thread's guard stack, so broadcasts
@@ -980,19 +1308,20 @@ def recording(enabled: bool = True, *, torch_ops: bool = True) -> Iterator[list[
     >>> [r.op for r in records]
     ['mul']
     """
+    batch_size = _check_batch_size(batch_size, "recording")
     if not enabled:
         yield []
         return
     if not torch_ops:
         records: list[BroadcastRecord] = []
-        guard = _Guard("record", records)
+        guard = _Guard("record", records, batch_size)
         _guards().append(guard)
         try:
             yield records
         finally:
             _remove_guard(guard)
         return
-    with no_implicit_broadcast("record") as records:
+    with no_implicit_broadcast("record", batch_size=batch_size) as records:
         yield records
 
 
@@ -1015,18 +1344,24 @@ def emit_after_check(report: Any, mode: str, where: str = "the loss") -> None:
             f"{len(records)} op{'s' if len(records) != 1 else ''} expanded both operands."
         ]
         lines += ["  " + r.message() for r in records]
-        lines.append(
-            "Give predictions and targets the same shape, or wrap an intended pairwise term in "
-            "pytest_gradcheck.allow_broadcast()."
-        )
+        if any(getattr(r, "loss_inputs", True) for r in records):
+            lines.append(
+                "Give predictions and targets the same shape, or wrap an intended pairwise term in "
+                "pytest_gradcheck.allow_broadcast()."
+            )
+        else:
+            lines.append("Wrap an intended pairwise term in pytest_gradcheck.allow_broadcast().")
         lines.append("")
         lines.append(str(report))
         raise BroadcastError("\n".join(lines), records)
     if mode == "warn":
         for r in records:
+            if getattr(r, "loss_inputs", True):
+                why = f"{where} broadcasts predictions against targets; this usually breaks at other batch sizes"
+            else:
+                why = f"this term of {where} expands both of its operands, which can pair samples"
             warnings.warn_explicit(
-                r.message() + f" (the gradients agree here, but {where} broadcasts predictions "
-                "against targets; this usually breaks at other batch sizes)",
+                r.message() + f" (the gradients agree here, but {why})",
                 BroadcastWarning,
                 r.filename,
                 r.lineno,

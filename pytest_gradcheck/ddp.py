@@ -51,8 +51,19 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from ._options import check_bool, check_choice, check_tolerance
-from .engine import _as_scalar_loss, _default_dtype, _disable_dropout, _first_line
+from ._options import check_batch_sizes, check_bool, check_choice, check_tolerance
+from .engine import (
+    _as_scalar_loss,
+    _class_name,
+    _default_dtype,
+    _describe_leaf,
+    _disable_dropout,
+    _first_line,
+    _leaf_paths,
+    _sparse_input_message,
+    _zero_dim_message,
+    loss_form_paths,
+)
 from .errors import DDPTimeoutError, DDPWorkerError, GradCheckError, GradEquivError, InvalidArgument
 from .report import Finding, GradEquivReport
 from .verdict import compare_gradients, default_tolerances, run_check
@@ -343,7 +354,11 @@ class _Config:
             self.step = _Step(None, step_fn, "none")
             self.batch = inputs
             allow_non_tensor = True
+            paths = _leaf_paths(inputs)
         else:
+            if isinstance(loss_fn, type) and issubclass(loss_fn, torch.nn.Module):
+                name = _class_name(loss_fn)
+                raise InvalidArgument(f"loss_fn is the class {name}; pass an instance: {name}()")
             if not callable(loss_fn):
                 raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__} (or pass step_fn=...)")
             inputs_t = _tensor_tuple(inputs, "inputs")
@@ -356,13 +371,14 @@ class _Config:
             self.step = _Step(loss_fn, None, mode)
             self.batch = (inputs_t, targets_t)
             allow_non_tensor = False
+            paths = loss_form_paths(inputs, targets)
         _check_picklable(make_model, "make_model", "a module-level function")
         if loss_fn is not None:
             _check_picklable(loss_fn, "loss_fn", "a module-level function, or an object such as torch.nn.MSELoss()")
         if step_fn is not None:
             _check_picklable(step_fn, "step_fn", "a module-level function")
         self.make_model = make_model
-        self.batch_size = _batch_size(self.batch, allow_non_tensor)
+        self.batch_size = _batch_size(self.batch, allow_non_tensor, paths)
         self.shards, self.shard_source, self.repeated = _plan_shards(self.batch_size, self.world_size, shards, sampler)
         for r, idx in enumerate(self.shards):
             if len(idx) < self.micro_batches:
@@ -428,26 +444,23 @@ def _tensor_tuple(value: Any, name: str) -> tuple[torch.Tensor, ...]:
     return items
 
 
-def _batch_size(batch: Any, allow_non_tensor: bool) -> int:
+def _batch_size(batch: Any, allow_non_tensor: bool, paths: list[str]) -> int:
+    """The global batch size, checked like every other check's (``check_batch_sizes``: sizes that
+    disagree, an empty batch and a batch of one are refused), naming tensors as the user passed them."""
     leaves, _ = pytree.tree_flatten(batch)
-    sizes: list[int] = []
-    for i, leaf in enumerate(leaves):
+    sizes: list[tuple[str, int]] = []
+    for path, leaf in zip(paths, leaves):
         if isinstance(leaf, torch.Tensor):
             if leaf.dim() == 0:
-                raise InvalidArgument(f"batch leaf {i} is a 0-d tensor: every tensor needs the batch on dim 0")
-            sizes.append(int(leaf.shape[0]))
+                raise InvalidArgument(_zero_dim_message(path))
+            if leaf.layout != torch.strided:
+                raise InvalidArgument(_sparse_input_message(path, leaf))
+            sizes.append((_describe_leaf(path, leaf), int(leaf.shape[0])))
         elif not allow_non_tensor:
-            raise InvalidArgument(f"batch leaf {i} is a {type(leaf).__name__}, not a tensor")
+            raise InvalidArgument(f"{path} is a {type(leaf).__name__}, not a tensor")
     if not sizes:
         raise InvalidArgument("the batch holds no tensor: nothing to shard over the ranks")
-    if any(s != sizes[0] for s in sizes):
-        raise InvalidArgument(
-            f"batch sizes disagree: the tensors of the batch have {sorted(set(sizes))} samples on dim 0; "
-            "every tensor must carry the same batch on dim 0"
-        )
-    if sizes[0] == 0:
-        raise InvalidArgument("empty batch: the tensors have no samples")
-    return sizes[0]
+    return check_batch_sizes(sizes)
 
 
 def _plan_shards(b: int, world_size: int, shards: Any, sampler: bool) -> tuple[list[np.ndarray], str, tuple[int, ...]]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import random
+import numbers
+import re
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -24,7 +25,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._options import check_batch_sizes, validate_options
-from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
+from ._torch.randomness import NeutralDropout, Watch
+from ._torch.state import SavedState, disable_dropout_modules
+from .errors import GradCheckError, GradEquivError, InvalidArgument, UnsupportedModelError
 from .report import GradEquivReport
 from .verdict import FlatGrads, run_check
 
@@ -53,6 +56,7 @@ def assert_gradequiv(
     broadcast: str = "warn",
     reference: str = "auto",
     float64_recheck: bool = True,
+    per_sample: bool = False,
 ) -> GradEquivReport:
     """Assert that the batch gradient equals the accumulation of per-sample gradients.
 
@@ -75,7 +79,9 @@ def assert_gradequiv(
     ``broadcast``: ``"warn"`` (default) warns about an implicit broadcast in the
     loss call when gradients agree, ``"error"`` fails the check on one, ``"off"``
     does not watch. ``reference``: ``"auto"`` (vmap, falling back to a loop),
-    ``"vmap"`` or ``"loop"``.
+    ``"vmap"`` or ``"loop"``. ``per_sample=True`` puts the tool's per-sample
+    gradients on the report, pass or fail: ``report.per_sample_gradients``,
+    ``{name: (B, *shape)}`` (each sample's loss, the sample run alone).
 
     Returns a :class:`~pytest_gradcheck.report.GradEquivReport`; raises
     :class:`~pytest_gradcheck.errors.GradEquivError` on mismatch and
@@ -102,6 +108,7 @@ def assert_gradequiv(
             "broadcast": broadcast,
             "reference": reference,
             "float64_recheck": float64_recheck,
+            "per_sample": per_sample,
         }
     )
     inputs_t, targets_t, targets_is_tuple = loss_call_arguments(model, loss_fn, inputs, targets)
@@ -138,6 +145,7 @@ def assert_gradequiv_step(
     atol: Optional[float] = None,
     reference: str = "auto",
     float64_recheck: bool = True,
+    per_sample: bool = False,
 ) -> GradEquivReport:
     """The general form of :func:`assert_gradequiv` for any training step.
 
@@ -171,6 +179,7 @@ def assert_gradequiv_step(
             "atol": atol,
             "reference": reference,
             "float64_recheck": float64_recheck,
+            "per_sample": per_sample,
         }
     )
     _check_model(model)
@@ -182,7 +191,7 @@ def assert_gradequiv_step(
             return step_fn
 
         def watched(m: torch.nn.Module, b: Any) -> Any:
-            with _loss_guard(record):
+            with _loss_guard(record, problem.batch_size):
                 return step_fn(m, b)
 
         return watched
@@ -221,14 +230,21 @@ def _execute(
     __tracebackhide__ = True
     w = _resolve_weights(weights, problem.batch_size, sample_of)
     with problem.prepared():
-        report = run_check(
-            problem,
-            reduction=opts["reduction"],
-            weights=w,
-            rtol=opts["rtol"],
-            atol=opts["atol"],
-            float64_recheck=opts["float64_recheck"],
-        )
+        # on request, the tool's own per-sample gradients ride on the report, pass or fail
+        per_sample = problem.per_sample_tensors() if opts.get("per_sample") else None
+        try:
+            report = run_check(
+                problem,
+                reduction=opts["reduction"],
+                weights=w,
+                rtol=opts["rtol"],
+                atol=opts["atol"],
+                float64_recheck=opts["float64_recheck"],
+            )
+        except GradEquivError as err:
+            err.report.per_sample_gradients = per_sample
+            raise
+    report.per_sample_gradients = per_sample
     if report.broadcasts:
         from .broadcast import emit_after_check
 
@@ -244,12 +260,42 @@ def loss_call_arguments(
     Returns ``(inputs, targets, targets_is_tuple)``; ``targets`` is ``()`` for None.
     """
     _check_model(model)
+    if isinstance(loss_fn, type) and issubclass(loss_fn, torch.nn.Module):
+        name = _class_name(loss_fn)
+        raise InvalidArgument(f"loss_fn is the class {name}; pass an instance: {name}()")
     if not callable(loss_fn):
         raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     inputs_t = _as_tensor_tuple(inputs, "inputs")
     targets_is_tuple = isinstance(targets, (tuple, list))
     targets_t = () if targets is None else _as_tensor_tuple(targets, "targets")
+    _check_loss_form_batch(inputs_t, targets_t, loss_form_paths(inputs, targets))
     return inputs_t, targets_t, targets_is_tuple
+
+
+def loss_form_paths(inputs: Any, targets: Any) -> list[str]:
+    """The names of the tensors of ``(inputs, targets)`` as the user passed them, in order:
+    ``inputs`` or ``inputs[i]``, then ``targets`` or ``targets[i]``."""
+    out = [f"inputs[{i}]" for i in range(len(inputs))] if isinstance(inputs, (tuple, list)) else ["inputs"]
+    if isinstance(targets, (tuple, list)):
+        out += [f"targets[{i}]" for i in range(len(targets))]
+    elif targets is not None:
+        out.append("targets")
+    return out
+
+
+def _check_loss_form_batch(
+    inputs_t: Sequence[torch.Tensor], targets_t: Sequence[torch.Tensor], paths: Sequence[str]
+) -> None:
+    """The batch sizes of ``inputs``/``targets``, checked with the names the user knows them by."""
+    tensors = [*inputs_t, *targets_t]
+    if all(t.dim() > 0 for t in tensors) and len({int(t.shape[0]) for t in tensors}) == 1 and tensors[0].shape[0] >= 2:
+        return  # the common case, without building the descriptions an error message needs
+    sizes = []
+    for path, t in zip(paths, tensors):
+        if t.dim() == 0:
+            raise InvalidArgument(_zero_dim_message(path))
+        sizes.append((_describe_leaf(path, t), int(t.shape[0])))
+    check_batch_sizes(sizes)
 
 
 def loss_step_builder(
@@ -270,7 +316,7 @@ def loss_step_builder(
         def step(m: torch.nn.Module, batch: Any) -> Any:
             xs, ys = batch
             out = m(*xs)
-            with _loss_guard(record):
+            with _loss_guard(record, xs[0].shape[0]):
                 if not has_targets:
                     return fn(out)
                 if targets_is_tuple:
@@ -283,13 +329,13 @@ def loss_step_builder(
 
 
 @contextlib.contextmanager
-def _loss_guard(record: Optional[list]) -> Iterator[None]:
+def _loss_guard(record: Optional[list], batch_size: Optional[int] = None) -> Iterator[None]:
     if record is None:
         yield
         return
     from .broadcast import recording
 
-    with recording(True) as records:
+    with recording(True, batch_size=batch_size) as records:
         yield
     record.extend(records)
 
@@ -298,8 +344,18 @@ def _loss_guard(record: Optional[list]) -> Iterator[None]:
 
 
 def _check_model(model: Any) -> None:
+    if isinstance(model, type) and issubclass(model, torch.nn.Module):
+        name = _class_name(model)
+        raise InvalidArgument(f"model is the class {name}; pass an instance: {name}(...)")
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgument(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _class_name(cls: type) -> str:
+    """``nn.MSELoss`` for torch's own modules (as users write them), else the class's name."""
+    if cls.__module__.startswith("torch.nn") and getattr(torch.nn, cls.__name__, None) is cls:
+        return f"nn.{cls.__name__}"
+    return cls.__name__
 
 
 def _as_tensor_tuple(value: Any, name: str) -> tuple[torch.Tensor, ...]:
@@ -313,7 +369,24 @@ def _as_tensor_tuple(value: Any, name: str) -> tuple[torch.Tensor, ...]:
                 f"{label} is a {type(t).__name__}, not a tensor: every entry of {name} must be a "
                 "tensor with the batch on dim 0 (use assert_gradequiv_step for other arguments)"
             )
+        if t.layout != torch.strided:
+            raise InvalidArgument(_sparse_input_message(label, t))
     return items
+
+
+def _zero_dim_message(path: str) -> str:
+    return (
+        f"{path} is a 0-d tensor (a single number): every tensor needs the batch on dim 0, one value "
+        "per sample (shape (B, ...))"
+    )
+
+
+def _sparse_input_message(path: str, t: torch.Tensor) -> str:
+    return (
+        f"{path} is a sparse tensor (layout {t.layout}): the check slices every tensor into single "
+        "samples and runs them through torch.func.vmap, which sparse tensors do not support; pass "
+        f"{path}.to_dense() for the check"
+    )
 
 
 def _describe_leaf(path: str, t: torch.Tensor) -> str:
@@ -324,7 +397,7 @@ def _batch_size(batch: Any, allow_non_tensor: bool, leaves: Optional[list] = Non
     if leaves is None:
         leaves, _ = pytree.tree_flatten(batch)
     # the common case, without building the leaf descriptions an error message needs
-    if all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves):
+    if all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.layout == torch.strided for x in leaves):
         sizes0 = {int(x.shape[0]) for x in leaves}
         if len(sizes0) == 1 and min(sizes0) >= 2:
             return sizes0.pop()
@@ -333,9 +406,9 @@ def _batch_size(batch: Any, allow_non_tensor: bool, leaves: Optional[list] = Non
     for path, leaf in zip(paths, leaves):
         if isinstance(leaf, torch.Tensor):
             if leaf.dim() == 0:
-                raise InvalidArgument(
-                    f"{path} is a 0-d tensor: every tensor needs the batch on dim 0"
-                )
+                raise InvalidArgument(_zero_dim_message(path))
+            if leaf.layout != torch.strided:
+                raise InvalidArgument(_sparse_input_message(path, leaf))
             sizes.append((_describe_leaf(path, leaf), int(leaf.shape[0])))
         elif not allow_non_tensor:
             raise InvalidArgument(f"{path} is a {type(leaf).__name__}, not a tensor")
@@ -376,19 +449,27 @@ def _resolve_weights(weights: WeightsArg, b: int, sample_of: Callable[[int], Any
     if weights is None:
         return None
     if callable(weights) and not isinstance(weights, (torch.Tensor, np.ndarray)):
-        values = []
-        for i in range(b):
-            v = weights(sample_of(i))
-            values.append(float(v.detach().cpu()) if isinstance(v, torch.Tensor) else float(v))
-        w = np.asarray(values, dtype=np.float64)
-    else:
-        if isinstance(weights, torch.Tensor):
-            w = weights.detach().to("cpu", torch.float64).numpy()
-        else:
+        w = np.asarray([_weight_of_sample(weights(sample_of(i)), i) for i in range(b)], dtype=np.float64)
+    elif isinstance(weights, torch.Tensor):
+        w = weights.detach().to("cpu", torch.float64).numpy()
+    elif isinstance(weights, (np.ndarray, list, tuple, range)):
+        try:
             w = np.asarray(weights, dtype=np.float64)
-        w = w.reshape(-1) if w.ndim > 1 and w.size == b else w
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(
+                f"weights cannot be read as numbers ({type(exc).__name__}: {_first_line(exc)}): pass one "
+                f"number per sample, shape ({b},)"
+            ) from None
+    else:
+        raise InvalidArgument(
+            f"weights is a {type(weights).__name__}: pass one number per sample (a tensor, array or "
+            f"sequence of {b}), or a callable that returns the weight of one sample (a batch of one)"
+        )
     if w.shape != (b,):
-        raise InvalidArgument(f"weights has shape {tuple(w.shape)}: expected one weight per sample, ({b},)")
+        raise InvalidArgument(
+            f"weights has shape {tuple(w.shape)}: expected one weight per sample, ({b},): a 1-d tensor, "
+            f"array or sequence of {b} numbers"
+        )
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise InvalidArgument(f"weights must be finite and >= 0, got {w.tolist()[:8]}")
     if w.sum() <= 0:
@@ -396,17 +477,71 @@ def _resolve_weights(weights: WeightsArg, b: int, sample_of: Callable[[int], Any
     return w
 
 
+def _weight_of_sample(value: Any, i: int) -> float:
+    """The number a ``weights`` callable returned for sample ``i``, or a clear error."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value.detach().reshape(()).cpu())
+    if isinstance(value, np.ndarray) and value.size == 1 and not np.iscomplexobj(value):
+        return float(value.reshape(()))
+    if isinstance(value, numbers.Real):
+        return float(value)
+    what = (
+        f"a tensor of shape {tuple(value.shape)}"
+        if isinstance(value, (torch.Tensor, np.ndarray))
+        else f"a {type(value).__name__}"
+    )
+    raise InvalidArgument(
+        f"weights(sample {i}) returned {what}: the weights callable must return one number per sample "
+        "(it is called on one sample, a batch of one), e.g. (targets != -100).sum()"
+    )
+
+
 def _ignore_index_candidates(loss_fn: Any, targets: Sequence[torch.Tensor]) -> list[tuple[str, np.ndarray]]:
-    """Per-sample weightings worth naming when a loss is not a plain mean/sum."""
+    """Per-sample weightings worth naming when a loss is not a plain mean/sum.
+
+    For every integer target tensor: its number of non-ignored entries per sample
+    (``ignore_index`` of the loss, else -100), and for targets with a sequence
+    dimension the same count after the one-position shift that causal language
+    models apply inside the model (``labels[:, 1:]``).
+    """
     out: list[tuple[str, np.ndarray]] = []
     ignore = getattr(loss_fn, "ignore_index", -100)
     for t in targets:
-        if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() and t.dim() >= 2:
-            valid = (t != ignore).reshape(t.shape[0], -1).sum(dim=1)
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dim() < 1:
+            continue
+        if t.dtype == torch.bool:
+            continue
+        if t.dim() == 1:
+            kept = (t != ignore).to("cpu", torch.float64).numpy()
+            if kept.all():
+                continue  # every sample counts: the plain mean
             out.append(
-                (f"their number of non-ignored targets (targets != {ignore})", valid.cpu().double().numpy())
+                (
+                    f"whether their target is counted (a mean over the {int(kept.sum())} of {kept.size} "
+                    f"samples whose target is not ignore_index={ignore}; ignored samples weigh 0)",
+                    kept,
+                )
             )
+            continue
+        out.append((f"their number of non-ignored targets (targets != {ignore})", non_ignored_counts(t, ignore)))
+        if t.dim() == 2 and t.shape[1] > 1:
+            out.append((shifted_label(ignore), non_ignored_counts(t, ignore, shift=True)))
     return out
+
+
+def shifted_label(ignore: int) -> str:
+    return (
+        "their number of non-ignored targets after the one-token shift a causal language model "
+        f"applies to its labels (labels[:, 1:] != {ignore})"
+    )
+
+
+def non_ignored_counts(t: torch.Tensor, ignore: int, shift: bool = False) -> np.ndarray:
+    """Per sample: how many entries of ``t`` are not ``ignore`` (after dropping the first
+    position of dim 1, as a causal language model does with its labels, if ``shift``)."""
+    if shift:
+        t = t[:, 1:]
+    return (t != ignore).reshape(t.shape[0], -1).sum(dim=1).to("cpu", torch.float64).numpy()
 
 
 # --------------------------------------------------------------------------- the torch problem
@@ -472,7 +607,14 @@ class _TorchProblem:
         self.method = reference
         self.reference_method = "loop" if reference == "loop" else "vmap"
         self.fallback_reason: Optional[str] = None
-        self.dropout_disabled: tuple[str, ...] = ()
+        self._dropout_modules: tuple[str, ...] = ()
+        self._neutralised: list[str] = []  # dropout ops neutralised, e.g. "F.dropout(p=0.1)"
+        self._saved: Optional[SavedState] = None  # while prepared()
+        self._passes = 0
+        self._touched: Optional[tuple[str, ...]] = None  # state the model writes in forward, once known
+        self._random_checked = False
+        self._vmap_randomness = "error"
+        self.random_note: Optional[str] = None
         self.broadcasts: tuple[Any, ...] = ()
         self.watch_broadcast = watch_broadcast
         self.extra_modules = list(extra_modules)
@@ -489,12 +631,51 @@ class _TorchProblem:
     @contextlib.contextmanager
     def prepared(self) -> Iterator[None]:
         """Dropout off for the check; everything the check could disturb restored after."""
-        saved = _SavedState(self.model, self.extra_modules)
+        saved = SavedState(self.model, self.extra_modules)
+        self._saved = saved
+        self._passes = 0
+        self._touched = None
         try:
-            self.dropout_disabled = _disable_dropout(self.model, self._modules)
+            self._dropout_modules = disable_dropout_modules(self.model, self._modules)
             yield
         finally:
+            self._saved = None
             saved.restore()
+
+    @property
+    def dropout_disabled(self) -> tuple[str, ...]:
+        """Dropout modules, and dropout ops applied functionally, that the check switched off."""
+        from torch.nn.modules.dropout import _DropoutNd
+
+        # an nn.Dropout module's own F.dropout calls are named by the module's path
+        rates = {f"(p={m.p:g})" for _, m in self._modules if isinstance(m, _DropoutNd) and m.training}
+        ops = [x for x in self._neutralised if not (x.startswith("F.") and x[x.index("(") :] in rates)]
+        if not ops:
+            return tuple(self._dropout_modules)
+        return (*self._dropout_modules, f"{', '.join(ops)} (applied functionally, neutralised at the op)")
+
+    def _begin_pass(self) -> None:
+        """Start a run of the model from the state saved before the check.
+
+        After the first run, the state is inspected once: a model that writes into it
+        in forward (a running average, a counter, a metric, a cached tensor) is put back
+        before every later run, and before every sample of a loop reference.
+        """
+        saved = self._saved
+        if saved is None:
+            return
+        self._passes += 1
+        if self._touched is None:
+            if self._passes == 1:
+                return  # the first run starts from the saved state itself
+            self._touched = tuple(saved.touched())
+        if self._touched:
+            saved.reset()
+
+    def _begin_unit(self) -> None:
+        """Before each sample (micro-batch) of a loop: the saved state, if the model writes into it."""
+        if self._touched and self._saved is not None:
+            self._saved.reset()
 
     # -- inputs -----------------------------------------------------------------------------
     def _batch_leaves(self, float64: bool) -> list[Any]:
@@ -528,8 +709,12 @@ class _TorchProblem:
         return self._tree([x[start:stop] if isinstance(x, torch.Tensor) else x for x in leaves])
 
     def _one(self, leaves: Sequence[Any], i: int) -> Any:
-        """Sample ``i`` of ``leaves`` as a batch of one, in the batch's structure."""
-        return self._slice(leaves, i, i + 1)
+        """Sample ``i`` of ``leaves`` as a batch of one, in the batch's structure (its own copy once the
+        model is known to write into its inputs: slices of one tensor share its version counter)."""
+        one = self._slice(leaves, i, i + 1)
+        if self._copy_inputs:
+            one = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, one)
+        return one
 
     def _loss_of(self, state: Optional[dict], step: Callable, float64: bool) -> Callable[[int], torch.Tensor]:
         """``i -> the scalar loss of unit i run alone`` (a unit is a sample here, a micro-batch
@@ -538,13 +723,26 @@ class _TorchProblem:
         return lambda i: _as_scalar_loss(self._call(state, self._one(leaves, i), step), where="per-sample")
 
     def _retrying_with_copies(self, run: Callable[[], Any]) -> Any:
+        # The first run is the working-dtype batch run: only a failure there can be the
+        # user's inputs against the model's parameters (a later float64 run casts both).
+        first = not self.__dict__.get("_has_run", False)
         try:
-            return run()
+            out = run()
         except Exception as exc:
             if self._copy_inputs or not _writes_into_input(exc):
+                _raise_clear_error(exc, self._leaves, self.params, self._modules, first)
                 raise
+        else:
+            self._has_run = True
+            return out
         self._copy_inputs = True  # the model writes into its inputs: give it copies
-        return run()
+        try:
+            out = run()
+        except Exception as exc:
+            _raise_clear_error(exc, self._leaves, self.params, self._modules, first)
+            raise
+        self._has_run = True
+        return out
 
     def sample(self, i: int) -> Any:
         """Sample ``i`` as a batch of one."""
@@ -581,8 +779,18 @@ class _TorchProblem:
             warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
             if internal:
                 warnings.filterwarnings("ignore", message="Using a target size", category=UserWarning)
-            with _default_dtype(float64):
+            with _default_dtype(float64), self._neutral_dropout():
                 yield
+
+    @contextlib.contextmanager
+    def _neutral_dropout(self) -> Iterator[None]:
+        """Dropout ops neutralised and random draws recorded (see pytest_gradcheck._torch.randomness)."""
+        with NeutralDropout() as nd:
+            yield
+        self._draws = nd.draws or []
+        for label in nd.neutralised:
+            if label not in self._neutralised:
+                self._neutralised.append(label)
 
     def _call(self, state: Optional[dict], batch: Any, step: Callable) -> Any:
         if state is None:
@@ -591,7 +799,43 @@ class _TorchProblem:
 
     # -- GradientProblem ------------------------------------------------------------------------
     def batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
-        return self._retrying_with_copies(lambda: self._batch_gradient(float64))
+        self._begin_pass()
+        if float64 or self._random_checked:
+            return self._retrying_with_copies(lambda: self._batch_gradient(float64))
+        self._random_checked = True
+        self._draws: list[Any] = []
+        with Watch() as watch:
+            g = self._retrying_with_copies(lambda: self._batch_gradient(float64))
+        draws = list(self._draws)
+        if draws or watch.moved:
+            self._check_randomness(g, draws, watch.moved)
+        return g
+
+    def _check_randomness(self, g: Mapping[str, np.ndarray], draws: Sequence[Any], moved: Sequence[str]) -> None:
+        """The step drew random numbers (dropout already neutralised): run it again; if its
+        gradient changes, refuse clearly; if not, the draws are harmless (LayerDrop at rate 0...)."""
+        from .verdict import compare_gradients, default_tolerances
+
+        self._begin_pass()
+        again = self._retrying_with_copies(lambda: self._batch_gradient(False))
+        rtol, atol = default_tolerances(self.dtype)
+        names = [str(d) for d in draws] or [_GENERATORS.get(m, m) for m in moved]
+        what = ", ".join(dict.fromkeys(names))
+        if compare_gradients(g, again, rtol=rtol, atol=atol, reduction="mean", precision=self.dtype).passed:
+            self._vmap_randomness = "different"
+            self.random_note = (
+                f"the step draws random numbers ({what}) that do not change its gradient (two batch runs "
+                "agree), so they were left alone."
+            )
+            return
+        raise UnsupportedModelError(
+            f"the training step is random: it draws random numbers ({what}) that change its gradient "
+            "from one run to the next (two batch runs with the same parameters and batch disagree), so "
+            "the batch run and the per-sample runs cannot be compared. Dropout is already switched off "
+            "at the ops; this is other randomness (noise, random masks, sampled timesteps). Make the "
+            "step deterministic for the check: pass the random tensors in as part of the batch, or "
+            "draw them from a generator you re-seed for each call."
+        )
 
     def _batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
         record: Optional[list] = [] if (self.watch_broadcast and not float64) else None
@@ -612,6 +856,7 @@ class _TorchProblem:
         return self._to_numpy(grads, params)
 
     def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
+        self._begin_pass()
         return self._retrying_with_copies(lambda: self._reference_gradient(coeffs, float64))
 
     def _reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
@@ -643,9 +888,16 @@ class _TorchProblem:
                             f"torch.func.vmap could not run the model on single samples: {_first_line(exc)}; "
                             "use reference='auto' or 'loop' to fall back to a per-sample loop"
                         ) from exc
+                    self._begin_unit()
                     self._check_single_sample_runs(state, step)
                     self.reference_method = "loop"
                     self.fallback_reason = _first_line(exc)
+                    if self._touched:
+                        self.fallback_reason = (
+                            f"the model writes into its own state during forward ({', '.join(self._touched[:4])}"
+                            f"{', ...' if len(self._touched) > 4 else ''}), which vmap cannot batch; every "
+                            f"sample ran alone from the state before the check ({self.fallback_reason})"
+                        )
                     grads = self._reference_loop(state, params, leaves, step, c)
             else:
                 self._check_single_sample_runs(state, step)
@@ -655,14 +907,65 @@ class _TorchProblem:
     def per_sample_gradients(self, float64: bool) -> Optional[dict[str, np.ndarray]]:
         step = self.build_step(None, float64)
         out: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        self._begin_pass()
         with self._precision(float64):
             state, params = self._state(float64)
             loss_of = self._loss_of(state, step, float64)
             for i in range(self.batch_size):
+                self._begin_unit()
                 grads = torch.autograd.grad(loss_of(i), params, allow_unused=True)
                 for n, g in self._to_numpy(grads, params).items():
                     out[n].append(g)
         return {n: np.stack(v) for n, v in out.items()}
+
+    def per_sample_tensors(self, float64: bool = False) -> dict[str, torch.Tensor]:
+        """The gradient of each sample's loss, the sample run alone: ``{name: (B, *shape)}``.
+
+        ``torch.func.vmap`` of ``torch.func.grad`` over single-sample calls (B gradients
+        in one batched backward), or a loop where vmap cannot run the model. On the
+        parameters' device and in the working dtype (float64 if ``float64``).
+        """
+        step = self.build_step(None, float64)
+        self._begin_pass()
+        with self._precision(float64):
+            state, params = self._state(float64)
+            leaves = self._batch_leaves(float64)
+            if self.reference_method == "vmap":
+                try:
+                    return self._per_sample_vmap(state, params, leaves, step)
+                except (InvalidArgument, GradEquivError, UnsupportedModelError):
+                    raise
+                except Exception:  # noqa: BLE001 - the loop below computes the same gradients
+                    self._begin_unit()
+            loss_of = self._loss_of(state, step, float64)
+            rows: list[list[torch.Tensor]] = [[] for _ in params]
+            for i in range(self.batch_size):
+                self._begin_unit()
+                grads = torch.autograd.grad(loss_of(i), params, allow_unused=True)
+                for k, (g, p) in enumerate(zip(grads, params)):
+                    rows[k].append(torch.zeros_like(p) if g is None else g)
+        return {n: torch.stack(r) for n, r in zip(self.names, rows)}
+
+    def _per_sample_vmap(
+        self, state: Optional[dict], params: list[torch.Tensor], leaves: list[Any], step: Callable
+    ) -> dict[str, torch.Tensor]:
+        in_dims = tuple(0 if isinstance(x, torch.Tensor) else None for x in leaves)
+        shaped = [x.unsqueeze(1) if isinstance(x, torch.Tensor) else x for x in leaves]
+        base = dict(state) if state is not None else {}
+        keys = ["model." + n for n in self.names]
+        wrapper = _StepModule(self.model, step)
+
+        def one(values: tuple[torch.Tensor, ...], *sample: Any) -> torch.Tensor:
+            full = {**base, **dict(zip(keys, values))}
+            out = torch.func.functional_call(wrapper, full, (self._tree(sample),))
+            return _as_scalar_loss(out, where="per-sample")
+
+        detached = tuple(p.detach() for p in params)
+        with _vmap_friendly_attention(self.params[0].device), _vmap_friendly_rnn(self.has_rnn):
+            grads = torch.func.vmap(
+                torch.func.grad(one), in_dims=(None, *in_dims), randomness=self._vmap_randomness
+            )(detached, *shaped)
+        return dict(zip(self.names, grads))
 
     def weight_candidates(self) -> list[tuple[str, np.ndarray]]:
         return self._weight_candidates() if self._weight_candidates else []
@@ -691,7 +994,7 @@ class _TorchProblem:
             return _as_scalar_loss(self._call(state, self._tree(sample), step), where="per-sample")
 
         with _vmap_friendly_attention(self.params[0].device), _vmap_friendly_rnn(self.has_rnn):
-            losses = torch.func.vmap(one, in_dims=in_dims, randomness="error")(*shaped)
+            losses = torch.func.vmap(one, in_dims=in_dims, randomness=self._vmap_randomness)(*shaped)
         self._keep_losses(losses)
         total = torch.dot(losses, c if c.dtype == losses.dtype else c.to(losses.dtype))
         return torch.autograd.grad(total, params, allow_unused=True)
@@ -701,9 +1004,13 @@ class _TorchProblem:
     ) -> Sequence[Optional[torch.Tensor]]:
         acc: list[Optional[torch.Tensor]] = [None] * len(params)
         values: list[torch.Tensor] = []
-        for start in range(0, self.batch_size, _LOOP_CHUNK):
+        # a model that writes into its state runs every sample from the saved state, one
+        # backward each (resetting a tensor that a pending graph saved would break it)
+        chunk = 1 if self._touched else _LOOP_CHUNK
+        for start in range(0, self.batch_size, chunk):
             total: Optional[torch.Tensor] = None
-            for i in range(start, min(self.batch_size, start + _LOOP_CHUNK)):
+            for i in range(start, min(self.batch_size, start + chunk)):
+                self._begin_unit()
                 loss_i = _as_scalar_loss(self._call(state, self._one(leaves, i), step), where="per-sample")
                 values.append(loss_i.detach())
                 term = loss_i * c[i]
@@ -721,7 +1028,7 @@ class _TorchProblem:
     def _check_single_sample_runs(self, state: Optional[dict], step: Callable) -> None:
         one = self._one(self._batch_leaves(state is not None), 0)
         try:
-            _as_scalar_loss(self._call(state, one, step), where="per-sample")
+            _as_scalar_loss(_run_watching_sample(lambda: self._call(state, one, step), one), where="per-sample")
         except (InvalidArgument, GradEquivError):
             raise
         except Exception as exc:
@@ -777,6 +1084,14 @@ def _default_dtype(float64: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+_GENERATORS = {
+    "torch": "torch's global generator",
+    "torch.cuda": "torch's CUDA generator",
+    "random": "Python's random module",
+    "numpy": "NumPy's global np.random",
+}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -876,8 +1191,63 @@ def _writes_into_input(exc: BaseException) -> bool:
     """
     text = str(exc)
     return isinstance(exc, RuntimeError) and (
-        "leaf Variable that requires grad" in text or "Can't call numpy() on Tensor that requires grad" in text
+        "leaf Variable that requires grad" in text
+        or "Can't call numpy() on Tensor that requires grad" in text
+        # a sample that writes into its slice bumps the version counter its neighbours
+        # (slices of the same tensor) share: each sample then needs its own copy
+        or "modified by an inplace operation" in text
     )
+
+
+# torch's words for a dtype mismatch between tensors (matmul, conv, norms, bilinear, RNNs, generic)
+_DTYPE_MISMATCH = re.compile(
+    r"same dtype|same datatype|should be the same|does not match weight dtype|expected scalar type"
+    r"|found dtype \w+ but expected|must have the same type",
+    re.IGNORECASE,
+)
+
+
+def _raise_clear_error(
+    exc: BaseException,
+    leaves: Sequence[Any],
+    params: Sequence[torch.Tensor],
+    modules: _NamedModules,
+    first_run: bool,
+) -> None:
+    """Raise an :class:`InvalidArgument` in place of ``exc`` where its cause is certain
+    (a dtype mismatch of inputs and parameters, a sparse gradient); otherwise return."""
+    if isinstance(exc, GradCheckError) or not isinstance(exc, (RuntimeError, ValueError, TypeError, NotImplementedError)):
+        return
+    text = str(exc)
+    if "sparse" in text.lower():
+        for name, module in modules:
+            weight = getattr(module, "weight", None)
+            if (
+                isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                and module.sparse
+                and isinstance(weight, torch.Tensor)
+                and weight.requires_grad
+            ):
+                path = "model" + (f".{name}" if name else "")
+                raise InvalidArgument(
+                    f"{path} ({type(module).__name__}) has sparse=True: its weight gets a sparse gradient, "
+                    "which the check cannot compare (the per-sample reference and the comparison work on "
+                    "dense gradients). Build it with sparse=False for the check: the gradient values are "
+                    f"the same, only their layout differs. ({type(exc).__name__}: {_first_line(exc)})"
+                ) from exc
+    if first_run and _DTYPE_MISMATCH.search(text):
+        param_dtypes = sorted({p.dtype for p in params if p.is_floating_point()}, key=str)
+        input_dtypes = sorted(
+            {x.dtype for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()}, key=str
+        )
+        odd = [d for d in input_dtypes if d not in param_dtypes]
+        if len(param_dtypes) == 1 and odd:
+            want, have = _dtype_name(param_dtypes[0]), " and ".join(_dtype_name(d) for d in odd)
+            raise InvalidArgument(
+                f"dtype mismatch: the inputs are {have} but the model's parameters are {want}, and torch "
+                f"does not mix them ({type(exc).__name__}: {_first_line(exc)}). Convert one to the other "
+                f"before the check: inputs.to(torch.{want}), or model.to(torch.{_dtype_name(odd[0])})"
+            ) from exc
 
 
 def _is_randomness_error(exc: BaseException) -> bool:
@@ -887,6 +1257,8 @@ def _is_randomness_error(exc: BaseException) -> bool:
 
 def _as_scalar_loss(out: Any, where: str) -> torch.Tensor:
     if isinstance(out, torch.Tensor) and out.dim() == 0 and out.is_floating_point():
+        if where == "per-sample":
+            _check_depends_on_its_sample(out)
         return out  # the common case, in two queries (each costs more on a vmap-batched tensor)
     loss = out
     if isinstance(out, Mapping):
@@ -907,7 +1279,61 @@ def _as_scalar_loss(out: Any, where: str) -> torch.Tensor:
         )
     if not loss.is_floating_point():
         raise InvalidArgument(f"the loss ({where}) has dtype {loss.dtype}: a floating-point scalar is needed")
+    if where == "per-sample":
+        _check_depends_on_its_sample(loss)
     return loss if loss.dim() == 0 else loss.reshape(())
+
+
+def _check_depends_on_its_sample(loss: torch.Tensor) -> None:
+    """Inside the per-sample ``vmap``, a loss that is not batched was computed from none of
+    the sample's tensors: the step ignores its batch, and the check would compare nothing."""
+    try:
+        from torch._C import _functorch
+
+        top = _functorch.peek_interpreter_stack()
+        if top is None or top.key() != _functorch.TransformType.Vmap:
+            return  # not under vmap (the loop reference, a single-sample run)
+        batched = _functorch.is_batchedtensor(loss) and _functorch.maybe_get_level(loss) == top.level()
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - private API moved
+        return
+    if not batched:
+        raise InvalidArgument(_IGNORES_BATCH)
+
+
+_IGNORES_BATCH = (
+    "the loss does not depend on the batch: run on a single sample, the step computed its loss "
+    "from none of that sample's tensors (e.g. it calls the model on a fixed tensor, not on the "
+    "batch it is given), so every per-sample gradient is the same and nothing would be checked. "
+    "Compute the loss from the batch: loss_fn(model(*inputs), targets) must use the outputs or "
+    "the targets; step_fn(model, batch) must use batch."
+)
+
+
+def _run_watching_sample(run: Callable[[], Any], sample: Any) -> Any:
+    """``run()`` (one sample's step, outside vmap), refused if no torch op received any of
+    ``sample``'s tensors: the loop reference's counterpart of :func:`_check_depends_on_its_sample`.
+
+    Costs one Python call per op of that one run; the reference loop itself is not watched.
+    """
+    ids = {id(t) for t in pytree.tree_leaves(sample) if isinstance(t, torch.Tensor)}
+    if not ids:
+        return run()
+    from torch.overrides import TorchFunctionMode
+
+    seen = [False]
+
+    class _SampleUse(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if not seen[0] and any(id(x) in ids for x in pytree.tree_leaves((args, kwargs))):
+                seen[0] = True
+            return func(*args, **kwargs)
+
+    with _SampleUse():
+        out = run()
+    if not seen[0]:
+        raise InvalidArgument(_IGNORES_BATCH)
+    return out
 
 
 # --------------------------------------------------------------------------- model inspection
@@ -957,99 +1383,5 @@ def _disable_dropout(model: torch.nn.Module, modules: Optional[_NamedModules] = 
     return tuple(names)
 
 
-class _SavedState:
-    """Snapshot of everything a check could disturb, restored on exit, pass or fail.
-
-    Tensors are compared by value on restore, not by version counter: a write
-    through ``.data`` (weight clipping, counters) does not bump ``_version``.
-    """
-
-    def __init__(self, model: torch.nn.Module, extra: Sequence[torch.nn.Module]) -> None:
-        modules = [model, *extra]
-        self.training = [(m, m.training) for root in modules for m in root.modules()]
-        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.grads: list[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
-        seen: set[int] = set()
-        for root in modules:
-            for t in [*root.parameters(), *root.buffers()]:
-                if id(t) in seen:
-                    continue
-                seen.add(id(t))
-                self.tensors.append((t, t.detach().clone()))  # detached: no autograd graph, no no_grad() needed
-                if isinstance(t, torch.nn.Parameter):
-                    g = t.grad
-                    self.grads.append((t, g, None if g is None else g.detach().clone()))
-        self.default_dtype = torch.get_default_dtype()
-        self.rng = torch.get_rng_state()
-        self.cuda_rng = (
-            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # initialized implies available
-        )
-        self.py_rng = random.getstate()
-        self.np_rng = _NumpyGlobalRNG()
-
-    def restore(self) -> None:
-        undo = [(t, saved) for t, saved in self.tensors if not torch.equal(t, saved)]  # NaN != NaN: copied, harmless
-        undo += [(g, saved) for _, g, saved in self.grads if saved is not None and not torch.equal(g, saved)]
-        if undo:
-            with torch.no_grad():  # parameters are leaves that require grad
-                for t, saved in undo:
-                    t.copy_(saved)
-        for p, g, _ in self.grads:
-            if p.grad is not g:
-                p.grad = g
-        for m, mode in self.training:
-            if m.training != mode:  # nn.Module.__setattr__ is slow; most modes did not change
-                m.training = mode
-        torch.set_default_dtype(self.default_dtype)
-        torch.set_rng_state(self.rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-        random.setstate(self.py_rng)
-        self.np_rng.restore()
-
-
-class _NumpyGlobalRNG:
-    """NumPy's legacy global generator (``np.random.*``), saved and restored exactly.
-
-    ``np.random.get_state()`` costs about 0.1 ms (it copies the Mersenne Twister
-    key element by element); restoring unconditionally would double that on
-    every check. The raw key and position are read through the bit generator's
-    documented ``ctypes`` interface to tell whether anything drew from it; the
-    state is put back only then, or when a cached Gaussian (legacy ``randn``)
-    could have been consumed without moving the key.
-    """
-
-    _RAW_BYTES = 624 * 4 + 4  # mt19937_state: uint32 key[624]; int pos
-    _raw_ok: Optional[bool] = None
-
-    def __init__(self) -> None:
-        self.state = np.random.get_state()
-        self.raw = self._raw()
-
-    @classmethod
-    def _raw_usable(cls) -> bool:
-        if cls._raw_ok is None:
-            try:
-                probe = np.random.RandomState(12345)
-                probe.random_sample(3)
-                _, key, pos, _, _ = probe.get_state()
-                import ctypes
-
-                raw = ctypes.string_at(probe._bit_generator.ctypes.state_address, cls._RAW_BYTES)
-                cls._raw_ok = raw == key.astype("<u4").tobytes() + int(pos).to_bytes(4, "little", signed=True)
-            except Exception:  # noqa: BLE001 - no ctypes interface: always restore
-                cls._raw_ok = False
-        return cls._raw_ok
-
-    def _raw(self) -> Optional[bytes]:
-        if not self._raw_usable():
-            return None
-        import ctypes
-
-        return ctypes.string_at(np.random.mtrand._rand._bit_generator.ctypes.state_address, self._RAW_BYTES)
-
-    def restore(self) -> None:
-        has_gauss = self.state[3]
-        if self.raw is not None and not has_gauss and self._raw() == self.raw:
-            return  # nothing drew from it
-        np.random.set_state(self.state)
+# shared with independence.py and ddp.py until they move to the _torch toolkit
+_SavedState = SavedState

@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from . import _tracking
 from ._options import check_batch_sizes, check_tolerance
+from ._torch.randomness import NeutralDropout
 from .engine import _check_model, _check_sample_mixing, _disable_dropout, _first_line, _SavedState
 from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
 from .report import _fmt
@@ -240,9 +241,13 @@ def assert_batch_independent(
     try:
         dropout = _disable_dropout(model)
         checker = _Checker(model, xs, names, checked, seed, rtol_v, atol_v)
-        report = checker.run()
+        # dropout applied functionally (attention dropout_p, F.dropout with a rate read from
+        # a module or a float attribute) is switched off at the op
+        with NeutralDropout() as neutral:
+            report = checker.run()
         report.subset = subset
-        report.dropout_disabled = dropout
+        functional = tuple(f"{op} (applied functionally, neutralised at the op)" for op in neutral.neutralised)
+        report.dropout_disabled = tuple(dropout) + functional
     finally:
         saved.restore()
     _tracking.record(report)
@@ -499,10 +504,10 @@ class _Checker:
         if changed:
             raise UnsupportedModelError(
                 "the model gives a different output when run twice on the same batch: it draws "
-                "random numbers outside nn.Dropout modules (e.g. F.dropout(x, training=True), "
-                "torch.randn_like) or keeps state between calls, so a changed output cannot be "
-                "told from a leak. Make the forward deterministic for the check: put the module in "
-                "eval mode, use nn.Dropout (the check switches it off), or pass the noise in as an input."
+                "random numbers other than dropout (which the check switches off at the ops), e.g. "
+                "torch.randn_like noise, or keeps state between calls, so a changed output cannot be "
+                "told from a leak. Make the forward deterministic for the check: pass the noise in as "
+                "an input, or put the module in eval mode."
             )
 
     def _gradient_test(self, float_idx: list[int]) -> tuple[list[Leak], list[int]]:

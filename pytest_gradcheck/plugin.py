@@ -281,7 +281,9 @@ class GradEquivFixture:
         __tracebackhide__ = True
         from .numpy_backend import assert_gradequiv_numpy
 
-        return assert_gradequiv_numpy(grad_fn, params, inputs, targets, **self.options(**options))
+        opts = self.options(**options)
+        opts.pop("per_sample", None)
+        return assert_gradequiv_numpy(grad_fn, params, inputs, targets, **opts)
 
     def accumulation(
         self, model: Any, loss_fn: Any, inputs: Any, targets: Any = None, **options: Any
@@ -292,7 +294,19 @@ class GradEquivFixture:
 
         opts = self.options(**options)
         opts.pop("reference", None)  # micro-batches are always run one by one
+        opts.pop("per_sample", None)
         return assert_accumulation_equiv(model, loss_fn, inputs, targets, **opts)
+
+    def per_sample_gradients(
+        self, model: Any, loss_fn: Any, inputs: Any, targets: Any = None, grads: Any = None, **options: Any
+    ) -> Any:
+        """Run :func:`pytest_gradcheck.assert_per_sample_gradients` with this test's defaults."""
+        __tracebackhide__ = True
+        from .per_sample import assert_per_sample_gradients
+
+        keep = ("rtol", "atol", "reference", "float64_recheck")
+        opts = {k: v for k, v in self.options(**options).items() if k in keep}
+        return assert_per_sample_gradients(model, loss_fn, inputs, targets, grads=grads, **opts)
 
     def independent(self, model: Any, inputs: Any, **options: Any) -> Any:
         """Run :func:`pytest_gradcheck.assert_batch_independent` (tolerances from this test)."""

@@ -33,10 +33,13 @@ class ParamComparison:
     ratio: float
     mismatched: int
     numel: int
+    #: the float64 re-check only: the error exceeds ``allowed`` but shrank from the
+    #: working dtype as rounding error does (see ``verdict.rounding_shrink_limit``)
+    rounding: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_err <= self.allowed
+        return self.max_abs_err <= self.allowed or self.rounding
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Comparison:
     rtol: float
     atol: float
     params: tuple[ParamComparison, ...]
+    #: the largest gradient entry of the whole problem (every parameter, both sides)
+    scale: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -76,7 +81,14 @@ class Finding:
                         weights of both signs (``weights``): samples are coupled;
       ``not-combination`` it is no combination of per-sample gradients at all;
       ``broadcast``     an implicit broadcast was recorded in the loss (``records``);
-      ``sample-mixing`` a module that mixes samples was found (``label``).
+      ``sample-mixing`` a module that mixes samples was found (``label``);
+      ``parameter-scale`` only some parameters are off, each by a pure scale
+                        (``scales``: ``(name, factor)`` pairs); the others match;
+      ``unweighted``    declared weights do not match, but the plain (unweighted)
+                        ``matched`` reduction does.
+
+    ``counts``: the weights as small integers (``weights`` proportional to them),
+    when they are: a count per sample (tokens, valid targets).
     """
 
     kind: str
@@ -85,6 +97,8 @@ class Finding:
     weights: Optional[tuple[float, ...]] = None
     label: Optional[str] = None
     records: tuple[Any, ...] = ()
+    scales: tuple[tuple[str, float], ...] = ()
+    counts: Optional[tuple[int, ...]] = None
 
 
 @dataclass
@@ -121,6 +135,10 @@ class GradEquivReport:
     weights: Optional[tuple[float, ...]] = None  # declared per-sample/micro-batch weights
     would_match: Optional[str] = None  # on failure: the accumulation that would have matched
     broadcast_scope: str = "the loss"  # the code the broadcast guard watched
+    #: every gradient was zero, or rounding noise (it vanished in float64): the check saw nothing
+    vacuous: bool = False
+    #: with ``per_sample=True``: ``{name: (B, *shape)}`` tensors, each sample's gradient run alone
+    per_sample_gradients: Optional[dict[str, Any]] = field(default=None, repr=False)
 
     @property
     def parameters(self) -> tuple[ParamComparison, ...]:
@@ -174,6 +192,7 @@ def _fmt_factor(f: float) -> str:
 def _what(report: GradEquivReport) -> str:
     unit = {
         "per-sample": "per-sample gradients",
+        "grad-sample": "the per-sample gradients run alone",
         "accumulation": "micro-batch gradients",
         "ddp": "the single-process gradient",
     }.get(report.check, "per-sample gradients")
@@ -183,6 +202,11 @@ def _what(report: GradEquivReport) -> str:
 def _units(report: GradEquivReport) -> tuple[str, str]:
     """(plural noun, count symbol) of what is accumulated: samples/B or micro-batches/k."""
     return ("micro-batches", "k") if report.check == "accumulation" else ("samples", "B")
+
+
+def _unit(report: GradEquivReport) -> str:
+    """The singular of what is accumulated: sample or micro-batch."""
+    return "micro-batch" if report.check == "accumulation" else "sample"
 
 
 def _declared(report: GradEquivReport) -> str:
@@ -198,10 +222,27 @@ def _declared(report: GradEquivReport) -> str:
 
 def _headline(report: GradEquivReport) -> str:
     what = _what(report)
+    if report.check == "grad-sample":
+        if report.passed:
+            line = "Per-sample gradients are equivalent: every supplied row equals that sample's gradient, run alone"
+            return line + (" (the differences are rounding: they vanish in float64)." if report.rounding else ".")
+        final = report.final
+        bad = [f.label for f in report.findings if f.kind == "grad-sample"]
+        return (
+            f"Per-sample gradients are NOT equivalent: {len(final.failing)} of {len(final.params)} "
+            f"(parameter, sample) rows differ from each sample's gradient run alone"
+            + (f", in {', '.join(str(b) for b in bad[:6])}" if bad else "")
+            + "."
+        )
     if report.check == "ddp":
         if report.passed:
             return "Gradients are equivalent: the DDP gradient equals the single-process full-batch gradient."
         return "Gradients are NOT equivalent: the DDP gradient differs from the single-process full-batch gradient."
+    if report.passed and report.vacuous:
+        return (
+            "Gradients are equivalent, but every gradient is zero (or rounding noise): the check "
+            "could see nothing."
+        )
     if report.passed:
         line = f"Gradients are equivalent: the batch gradient equals the {report.matched} of {what}"
         if report.rounding:
@@ -230,7 +271,7 @@ def _context_line(report: GradEquivReport) -> str:
     size = f"{unit} of {report.batch_size}" if unit == "batch" else f"{report.batch_size} {unit}"
     bits = [size, report.dtype, report.device, f"reference: {method}"]
     line = " · ".join(b for b in bits if b)
-    if not report.passed:
+    if not report.passed and report.check != "grad-sample":
         line += f"\nReduction checked: {report.reduction}" + (" (weighted)" if report.weighted else "")
         line += f" · would have matched: {report.would_match or 'neither mean nor sum'}"
     return line
@@ -253,7 +294,7 @@ def _table(cmp: Comparison, only_failing_first: bool = True, limit: int = 12) ->
                 _fmt(p.allowed),
                 "—" if math.isnan(p.cosine) else f"{p.cosine:.4f}",
                 _fmt_ratio(p.ratio),
-                "ok" if p.passed else "MISMATCH",
+                "rounding" if p.rounding else ("ok" if p.passed else "MISMATCH"),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -301,6 +342,68 @@ def _fmt_weights(weights: Sequence[float], limit: int = 8) -> str:
     return "[" + shown + "]"
 
 
+def _fmt_counts(counts: Sequence[int], limit: int = 12) -> str:
+    shown = ", ".join(str(c) for c in counts[:limit])
+    return shown + (f", ... ({len(counts)} in all)" if len(counts) > limit else "")
+
+
+def _name_factor(factor: float, report: GradEquivReport) -> str:
+    """A factor in words: 'B times the reference (B=8)', '1/B of the reference (B=8)', ..."""
+    b = report.batch_size
+    _, sym = _units(report)
+    if b > 1 and _close_to(factor, b):
+        return f"{sym} times the reference ({sym}={b})"
+    if b > 1 and _close_to(factor, 1.0 / b):
+        return f"1/{sym} of the reference ({sym}={b})"
+    if _close_to(factor, -1.0):
+        return "the reference with the opposite sign"
+    if abs(factor) < 1 and _close_to(1.0 / factor, round(1.0 / factor)):
+        return f"1/{_fmt_factor(round(1.0 / factor))} of the reference"
+    return f"{_fmt_factor(factor)} times the reference"
+
+
+def _close_to(x: float, target: float, rel: float = 1e-3) -> bool:
+    return abs(x - target) <= rel * max(abs(target), 1e-12)
+
+
+def _explain_parameter_scales(f: Finding, report: GradEquivReport, n_params: int) -> str:
+    groups: dict[str, list[str]] = {}
+    for name, factor in f.scales:
+        groups.setdefault(_name_factor(factor, report), []).append(name)
+    parts = [f"{', '.join(names)}: {words}" for words, names in groups.items()]
+    rest = n_params - len(f.scales)
+    tail = "; every other parameter matches." if rest > 0 else "."
+    return (
+        "the mismatch is confined to some parameters, each off by a pure scale: "
+        + "; ".join(parts)
+        + tail
+    )
+
+
+def _samples(indices: Sequence[int], b: int) -> str:
+    if len(indices) == b:
+        return f"in all {b} samples"
+    shown = ", ".join(str(i) for i in indices[:10]) + (", ..." if len(indices) > 10 else "")
+    return f"in sample{'s' if len(indices) != 1 else ''} {shown} of {b}"
+
+
+def _explain_grad_sample(f: Finding, report: GradEquivReport) -> str:
+    where = _samples(f.counts or (), report.batch_size)
+    if f.factor is not None:
+        return f"{f.label}: {_name_factor(f.factor, report)}, {where}."
+    if f.matched == "sum":
+        return (
+            f"{f.label}: every differing row holds the SUM of the batch's per-sample gradients ({where}): the "
+            "grad sampler sums over the batch dimension it must keep."
+        )
+    if f.matched == "mean":
+        return (
+            f"{f.label}: every differing row holds the MEAN of the batch's per-sample gradients ({where}): the "
+            "grad sampler averages over the batch dimension it must keep."
+        )
+    return f"{f.label}: the rows differ {where}, and no single factor explains them."
+
+
 def _cause_lines(report: GradEquivReport) -> list[str]:
     lines: list[str] = []
     for f in report.findings:
@@ -313,26 +416,52 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
                     lines.append(f"    > {rec.code}")
                 if getattr(rec, "suggestion", None):
                     lines.append(f"    {rec.suggestion}")
-            lines.append(
-                "    Predictions and targets of different shapes were broadcast against each other, so "
-                "every prediction is compared with every target: each sample's loss involves the "
-                "whole batch. It is harmless at batch size 1, which is why it hides."
-            )
+            if any(getattr(rec, "loss_inputs", True) for rec in f.records):
+                lines.append(
+                    "    Predictions and targets of different shapes were broadcast against each other, so "
+                    "every prediction is compared with every target: each sample's loss involves the "
+                    "whole batch. It is harmless at batch size 1, which is why it hides."
+                )
+            else:
+                lines.append(
+                    "    The broadcast pairs every sample with the others of the batch, so each sample's "
+                    "loss involves the whole batch. It is harmless at batch size 1, which is why it hides."
+                )
         elif f.kind == "sample-mixing":
             lines.append(f"{f.label}")
         elif f.kind == "factor":
             lines.extend(_explain_factor(f, report))
         elif f.kind == "known-weights":
+            shown = _fmt_counts(f.counts) if f.counts else (_fmt_weights(f.weights) if f.weights else "")
             lines.append(
                 f"the batch gradient matches when {_units(report)[0]} are weighted by {f.label}"
-                + (f": {_fmt_weights(f.weights)}" if f.weights else "")
+                + (f": {shown}" if shown else "")
                 + "."
             )
         elif f.kind == "weights":
+            if f.counts:
+                lines.append(
+                    f"the batch gradient weights the {_units(report)[0]} in proportion to "
+                    f"{_fmt_counts(f.counts)}: a count per {_unit(report)} (tokens, valid "
+                    "targets, pixels)? Relative to a plain mean = 1 the weights are "
+                    f"{_fmt_weights(f.weights or ())}."
+                )
+            else:
+                lines.append(
+                    f"the batch gradient is a weighted combination of {_what(report)}, with "
+                    f"unequal weights (relative to a plain mean = 1): {_fmt_weights(f.weights or ())}."
+                )
+        elif f.kind == "unweighted":
             lines.append(
-                "the batch gradient is a weighted combination of per-sample gradients, with "
-                f"unequal weights (relative to a plain mean = 1): {_fmt_weights(f.weights or ())}."
+                f"the batch gradient is the plain (unweighted) {f.matched} of {_what(report)}: the "
+                "loss does not apply the declared weights"
+                + (f" {_fmt_weights(report.weights)}" if report.weights else "")
+                + "."
             )
+        elif f.kind == "parameter-scale":
+            lines.append(_explain_parameter_scales(f, report, len(report.final.params)))
+        elif f.kind == "grad-sample":
+            lines.append(_explain_grad_sample(f, report))
         elif f.kind == "coupled":
             lines.append(
                 "the loss couples samples: no fixed weighting of per-sample losses gives the batch "
@@ -355,11 +484,19 @@ def _advice_lines(report: GradEquivReport) -> list[str]:
     kinds = {f.kind for f in report.findings}
     out: list[str] = []
     if "broadcast" in kinds:
-        out.append(
-            "give predictions and targets the same shape before the loss (see the suggestion above), "
-            "or, if pairing every sample with every other is intended (contrastive, ranking), wrap "
-            "that term in pytest_gradcheck.allow_broadcast()."
-        )
+        records = [r for f in report.findings if f.kind == "broadcast" for r in f.records]
+        if any(getattr(r, "loss_inputs", True) for r in records):
+            out.append(
+                "give predictions and targets the same shape before the loss (see the suggestion above), "
+                "or, if pairing every sample with every other is intended (contrastive, ranking), wrap "
+                "that term in pytest_gradcheck.allow_broadcast()."
+            )
+        else:
+            out.append(
+                "line up the operands' batch dimensions; if pairing every sample with every other is "
+                "intended (contrastive, ranking, in-batch negatives), samples interact by design and the "
+                "per-sample check does not apply to that term."
+            )
     for f in report.findings:
         if f.kind == "factor" and f.matched == "sum" and report.reduction != "sum":
             if report.backend == "numpy":
@@ -382,6 +519,32 @@ def _advice_lines(report: GradEquivReport) -> list[str]:
                 "if that weighting is intended (token-level losses with padding, sample weights), "
                 f"declare it with weights=...; otherwise make all {_units(report)[0]} count equally."
             )
+        elif f.kind == "parameter-scale":
+            names = ", ".join(n for n, _ in f.scales)
+            if report.backend == "numpy":
+                out.append(
+                    f"look at how grad_fn computes the gradient of {names}: a division by the batch "
+                    "size applied twice, or a sum where a mean is meant; the other gradients show "
+                    "the loss itself is right."
+                )
+            else:
+                out.append(
+                    f"look at what computes the gradient of {names} alone: a custom "
+                    "torch.autograd.Function's backward, a gradient hook (register_hook, "
+                    "register_full_backward_hook) or a .grad edit that rescales it; the other "
+                    "parameters show the loss itself is right."
+                )
+        elif f.kind == "grad-sample" and not any("grad sampler" in a for a in out):
+            out.append(
+                "look at the grad sampler (or the per-sample computation) of the parameters named above: "
+                "row i must be the gradient of sample i's loss alone, with the parameter's shape; opacus "
+                "grad samplers get the backprops already scaled for the loss reduction."
+            )
+        elif f.kind == "unweighted":
+            out.append(
+                f"if the plain {f.matched} is intended, drop weights=...; otherwise make the loss "
+                "apply the weights (e.g. reduction='none', multiply by the weights, then reduce)."
+            )
         elif f.kind == "not-combination" and report.check == "per-sample":
             out.append(
                 "run pytest_gradcheck.assert_batch_independent(model, inputs) to find which "
@@ -395,21 +558,35 @@ def _advice_lines(report: GradEquivReport) -> list[str]:
     return out
 
 
+def _compared_with(report: GradEquivReport) -> str:
+    if report.check == "grad-sample":
+        return "each sample's gradient run alone, row by row,"
+    return _declared(report) if not report.passed else f"the {report.matched}"
+
+
 def render(report: GradEquivReport) -> str:
     """Render ``report`` as text (the ``GradEquivError`` message, ``str(report)``)."""
     lines = [_headline(report), "", _context_line(report)]
     w = report.working
     lines.append(
-        f"Compared with {_declared(report) if not report.passed else 'the ' + str(report.matched)} "
+        f"Compared with {_compared_with(report)} "
         f"in {w.precision} (rtol={w.rtol:g}, atol={w.atol:g}; a parameter matches when "
-        "max|batch - reference| <= atol + rtol * max|gradient|):"
+        "max|batch - reference| <= atol + rtol * max(max|gradient|, 1e-3 * largest gradient of "
+        "any parameter)):"
     )
     lines.append("")
     lines.extend(_table(w))
     if report.float64 is not None:
         f64 = report.float64
         lines.append("")
-        if f64.passed:
+        shrunk = [p.name for p in f64.params if p.rounding]
+        if f64.passed and shrunk:
+            lines.append(
+                f"float64 re-check: the differences shrink in float64 as rounding error does (by "
+                f"orders of magnitude; a bug's error would not shrink), also for {', '.join(shrunk[:6])}"
+                f"{', ...' if len(shrunk) > 6 else ''}: they were {report.dtype} rounding, not a bug."
+            )
+        elif f64.passed:
             lines.append(
                 f"float64 re-check: the differences vanish (max rel err {_fmt(f64.max_rel_err)}, "
                 f"rtol={f64.rtol:g}): they were {report.dtype} rounding, not a bug."
@@ -435,6 +612,12 @@ def render(report: GradEquivReport) -> str:
         lines.append("What to do: " + advice[0])
         lines.extend("  " + a for a in advice[1:])
     notes = list(report.notes)
+    if report.vacuous:
+        notes.append(
+            "every gradient is zero (or rounding noise that vanishes in float64): the loss does not "
+            "depend on the parameters for this batch, so the check could see nothing. Check a "
+            "batch and a loss that train the model."
+        )
     if report.dropout_disabled:
         notes.append(
             "dropout was switched off during the check (random masks differ between the batch "
@@ -447,7 +630,7 @@ def render(report: GradEquivReport) -> str:
         )
     if report.broadcasts and report.passed:
         notes.append(
-            "implicit broadcast in the loss (gradients agree anyway): "
+            f"implicit broadcast in {report.broadcast_scope} (gradients agree anyway): "
             + "; ".join(r.message() if hasattr(r, "message") else str(r) for r in report.broadcasts[:3])
         )
     if notes:

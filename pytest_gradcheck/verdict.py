@@ -41,6 +41,15 @@ DEFAULT_RTOL: dict[str, float] = {
     "bfloat16": 4e-2,
 }
 
+#: A parameter is judged against at least this fraction of the largest gradient
+#: entry of the whole problem (every parameter, both sides), not only against its
+#: own gradient: a parameter whose true gradient is zero (an attention key bias, a
+#: bias before a normalisation) holds nothing but rounding noise from terms that
+#: cancel, and comparing that noise with itself would call it a bug. With the
+#: float32 rtol (1e-4) this floor is 1e-7 of the largest gradient, the resolution
+#: of float32 itself.
+PROBLEM_SCALE_FRACTION = 1e-3
+
 #: Per-sample gradient matrices larger than this many entries are not built
 #: for the diagnosis (the weights a failing batch gradient uses are then not
 #: inferred; the verdict is unaffected).
@@ -73,6 +82,21 @@ class GradientProblem(Protocol):
     def loss_values(self, float64: bool) -> Optional[tuple[float, "np.ndarray"]]:
         """The batch loss and the per-sample losses of the last evaluation, if known."""
         ...
+
+
+def rounding_shrink_limit(working: str) -> float:
+    """How much a rounding error must shrink from ``working`` to float64 to be called rounding.
+
+    Rounding error scales with the unit roundoff: from float32 to float64 it
+    shrinks by about ``eps64 / eps32 = 2e-9``, while a bug's error does not shrink
+    at all. The limit is the geometric middle of the two, ``sqrt(eps64 / eps)``:
+    an error that kept more than that fraction of itself in float64 is a bug.
+
+    >>> f"{rounding_shrink_limit('float32'):.1e}"
+    '4.3e-05'
+    """
+    eps = {"float64": 2.2e-16, "float32": 1.19e-7, "float16": 9.77e-4, "bfloat16": 7.81e-3}
+    return math.sqrt(eps["float64"] / eps.get(working, eps["float32"]))
 
 
 def default_tolerances(dtype: str, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
@@ -188,9 +212,32 @@ class _Pair:
             dots = np.add.reduceat(np.multiply(self.b.g.flat, self.r.g.flat), starts, dtype=np.float64)
             self.dot.update(zip(self.r.g.nonempty, dots.tolist()))
 
-    def compare(self, k: float, rtol: float, atol: float, reduction: str, precision: str) -> Comparison:
-        """Figures for ``batch`` against ``k * reference``."""
+    def problem_scale(self, k: float) -> float:
+        """The largest gradient entry of any parameter, on either side (``k`` scales the reference)."""
+        amax = [self.b.amax[n] for n in self.names if self.b.finite(n)]
+        amax += [abs(k) * self.r.amax[n] for n in self.names if self.r.finite(n)]
+        return max(amax, default=0.0)
+
+    def compare(
+        self,
+        k: float,
+        rtol: float,
+        atol: float,
+        reduction: str,
+        precision: str,
+        problem_scale: Optional[float] = None,
+    ) -> Comparison:
+        """Figures for ``batch`` against ``k * reference``.
+
+        Each parameter is judged against the larger of its own gradient scale and
+        ``PROBLEM_SCALE_FRACTION`` of ``problem_scale`` (by default the largest
+        gradient entry of the whole problem, see :meth:`problem_scale`).
+        """
         import numpy as np
+
+        if problem_scale is None:
+            problem_scale = self.problem_scale(k)
+        floor = PROBLEM_SCALE_FRACTION * problem_scale
 
         worst: dict[str, float] = {}
         diff = None
@@ -211,7 +258,8 @@ class _Pair:
                 bad = self.b.non_finite(n) + self.r.non_finite(n)
                 out.append(ParamComparison(n, shape, math.inf, math.inf, atol, float("nan"), float("nan"), bad, numel))
                 continue
-            scale = max(self.b.amax[n], abs(k) * self.r.amax[n])
+            own = max(self.b.amax[n], abs(k) * self.r.amax[n])
+            scale = max(own, floor)
             allowed = atol + rtol * scale
             max_abs = worst[n]
             over = 0
@@ -230,7 +278,9 @@ class _Pair:
             else:
                 ratio = float("nan") if nb == 0 else math.inf
             out.append(ParamComparison(n, shape, max_abs, rel, allowed, cosine, ratio, over, numel))
-        return Comparison(reduction=reduction, precision=precision, rtol=rtol, atol=atol, params=tuple(out))
+        return Comparison(
+            reduction=reduction, precision=precision, rtol=rtol, atol=atol, params=tuple(out), scale=problem_scale
+        )
 
 
 def compare_gradients(
@@ -245,7 +295,10 @@ def compare_gradients(
     """Compare two gradients parameter by parameter.
 
     A parameter matches when ``max|batch - reference| <= atol + rtol * scale``,
-    with ``scale`` the largest magnitude in either gradient of that parameter.
+    with ``scale`` the largest magnitude in either gradient of that parameter, or
+    ``PROBLEM_SCALE_FRACTION`` (1e-3) of the largest magnitude of any parameter's
+    gradient, whichever is larger: a parameter whose true gradient is zero holds
+    only rounding noise, which is judged against the scale of the whole problem.
 
     >>> import numpy as np
     >>> c = compare_gradients({"w": np.array([1.0, 2.0])}, {"w": np.array([1.0, 2.0 + 1e-9])},
@@ -254,6 +307,27 @@ def compare_gradients(
     (True, 'w')
     """
     return _Pair(batch, reference).compare(1.0, rtol, atol, reduction, precision)
+
+
+def _mark_rounding(f64: Comparison, working: Comparison, limit: float) -> Comparison:
+    """``f64`` with each failing parameter whose error shrank like rounding marked so.
+
+    A parameter fails the float64 re-check only if its error also stayed of the
+    same order as in the working dtype: rounding error shrinks by about nine
+    orders of magnitude from float32 to float64, a bug's error does not shrink.
+    """
+    if f64.passed:
+        return f64
+    import dataclasses
+
+    before = {p.name: p.max_abs_err for p in working.params}
+    params = tuple(
+        dataclasses.replace(p, rounding=True)
+        if not p.passed and math.isfinite(p.max_abs_err) and p.max_abs_err <= limit * before.get(p.name, 0.0)
+        else p
+        for p in f64.params
+    )
+    return dataclasses.replace(f64, params=params)
 
 
 def _label(hyp: str, weighted: bool) -> str:
@@ -284,6 +358,21 @@ def _raise_non_finite(side: "_Side", what: str) -> None:
             )
 
 
+def _raise_reference_non_finite(side: "_Side") -> None:
+    """A non-finite reference next to a finite batch gradient: the loss needs the whole batch."""
+    for name in side.g:
+        if not side.finite(name):
+            n_bad = side.non_finite(name)
+            raise InvalidArgument(
+                f"the per-sample reference gradient of parameter {name!r} has {n_bad} non-finite entr"
+                f"{'y' if n_bad == 1 else 'ies'} (NaN or inf) but the batch gradient is finite: the loss "
+                "(or the model) depends on the whole batch, most likely through a statistic over the batch "
+                "dimension (x.std(0), x.var(0), normalising by the batch), which is undefined for a batch of "
+                "one (the std of one sample is NaN), so per-sample gradients do not exist. Compute the "
+                "statistic per sample, or pass it in as a constant, to check the rest."
+            )
+
+
 def _flat(grads: Mapping[str, "np.ndarray"], names: Sequence[str]) -> "np.ndarray":
     import numpy as np
 
@@ -305,7 +394,15 @@ def diagnose(
     atol: float,
     float64: bool,
 ) -> list[Finding]:
-    """Explain why ``g`` is not ``declared`` (the reference under reduction ``hyp``)."""
+    """Explain why ``g`` is not ``declared`` (the reference under reduction ``hyp``).
+
+    The explanations are tried from the most specific to the most general: a
+    standard reduction off by the batch size, a weighting the problem can name
+    (non-ignored targets, tokens), the plain reduction when declared weights are
+    wrong, any single factor, a scale confined to some parameters, and last the
+    weights the batch gradient gives each sample (which tell a reweighting from
+    samples that interact).
+    """
     import numpy as np
 
     # A recorded broadcast comes first, unless a scale factor or a named weighting
@@ -314,22 +411,23 @@ def diagnose(
     findings: list[Finding] = list(broadcast)
 
     names = list(declared)
-    gv, rv = _flat(g, names), _flat(declared, names)
     precision = "float64" if float64 else problem.dtype
-    # 1. a pure scale factor (sum vs mean, a double division, a flipped sign)
-    rr = float(np.dot(rv, rv))
-    if rr > 0:
-        factor = float(np.dot(gv, rv) / rr)
-        if math.isfinite(factor) and factor != 0:
-            scaled = {n: factor * declared[n] for n in names}
-            if compare_gradients(g, scaled, rtol=rtol, atol=atol, reduction=hyp, precision=precision).passed:
-                total = float(coeffs.sum())
-                matched = None
-                if hyp == "mean" and _close(factor, total):
-                    matched = _label("sum", weighted)
-                elif hyp == "sum" and _close(factor, 1.0 / total):
-                    matched = _label("mean", weighted)
-                return [Finding("factor", factor=factor, matched=matched), *broadcast]
+    pair = _Pair(g, declared)
+    scale = pair.problem_scale(1.0)
+
+    def matches(ref: Mapping[str, "np.ndarray"], label: str) -> bool:
+        return compare_gradients(g, ref, rtol=rtol, atol=atol, reduction=label, precision=precision).passed
+
+    # 1. a pure scale factor of the whole gradient (sum vs mean, a double division, a flipped sign)
+    factor = _fit_factor(pair, names)
+    factor_finding: Optional[Finding] = None
+    if factor is not None and pair.compare(factor, rtol, atol, hyp, precision).passed:
+        total = float(coeffs.sum())
+        if hyp == "mean" and _close(factor, total):
+            return [Finding("factor", factor=factor, matched=_label("sum", weighted)), *broadcast]
+        if hyp == "sum" and _close(factor, 1.0 / total):
+            return [Finding("factor", factor=factor, matched=_label("mean", weighted)), *broadcast]
+        factor_finding = Finding("factor", factor=factor)
 
     # 2. a weighting we can name (e.g. by the number of non-ignored targets)
     for label, v in problem.weight_candidates():
@@ -339,16 +437,34 @@ def diagnose(
             continue
         s_v = problem.reference_gradient(v, float64)
         for h in ("mean", "sum"):
-            ref_v = _references(s_v, v, [h])[h]
-            if compare_gradients(g, ref_v, rtol=rtol, atol=atol, reduction=h, precision=precision).passed:
+            if matches(_references(s_v, v, [h])[h], h):
                 rel = v / v.mean() if h == "mean" else v
                 known = Finding(
                     "known-weights", label=label, matched=f"{h} weighted by {label}",
-                    weights=tuple(float(x) for x in rel),
+                    weights=tuple(float(x) for x in rel), counts=_small_integers(v),
                 )
                 return [known, *broadcast]
 
-    # 3. the weights the batch gradient gives each sample, if they can be identified
+    # 3. declared weights that the loss does not apply: the plain mean or sum matches
+    if weighted:
+        ones = np.ones_like(coeffs)
+        s_1 = problem.reference_gradient(ones, float64)
+        for h in ("mean", "sum"):
+            if matches(_references(s_1, ones, [h])[h], h):
+                return [Finding("unweighted", matched=h), *broadcast]
+
+    # 4. any other single factor
+    if factor_finding is not None:
+        return [factor_finding, *broadcast]
+
+    # 5. a scale confined to some parameters (a custom backward, a hand-written gradient)
+    scales = _parameter_scales(pair, names, rtol, atol, hyp, precision, scale)
+    if scales:
+        findings.append(Finding("parameter-scale", scales=scales))
+        return findings
+
+    # 6. the weights the batch gradient gives each sample, if they can be identified
+    gv, rv = _flat(g, names), _flat(declared, names)
     b = problem.batch_size
     n_entries = int(rv.size)
     if n_entries <= b:
@@ -394,8 +510,67 @@ def diagnose(
         # the losses decide. A real weighting (padding, sample weights) reweights
         # the per-sample losses the same way.
         kind = "coupled"
-    findings.append(Finding(kind, weights=tuple(float(x) for x in rel_w)))
+    counts = _small_integers(rel_w) if kind == "weights" else None
+    findings.append(Finding(kind, weights=tuple(float(x) for x in rel_w), counts=counts))
     return findings
+
+
+def _fit_factor(pair: "_Pair", names: Sequence[str]) -> Optional[float]:
+    """The least-squares ``k`` in ``batch ~ k * reference`` over every parameter, if any."""
+    rr = sum(pair.r.sq[n] for n in names)
+    if not rr > 0:
+        return None
+    factor = sum(pair.dot[n] for n in names) / rr
+    return factor if math.isfinite(factor) and factor != 0 else None
+
+
+def _parameter_scales(
+    pair: "_Pair", names: Sequence[str], rtol: float, atol: float, hyp: str, precision: str, scale: float
+) -> tuple[tuple[str, float], ...]:
+    """``(name, factor)`` for each mismatched parameter, when every one of them is a pure
+    scale of its reference and every other parameter matches; otherwise ``()``."""
+    base = pair.compare(1.0, rtol, atol, hyp, precision, scale)
+    failing = [p.name for p in base.params if not p.passed]
+    if not failing:
+        return ()
+    out = []
+    for n in failing:
+        rr = pair.r.sq[n]
+        k = pair.dot[n] / rr if rr > 0 else float("nan")
+        if not (math.isfinite(k) and k != 0):
+            return ()
+        sub = _Pair({n: pair.b.g[n]}, {n: pair.r.g[n]})
+        if not sub.compare(k, rtol, atol, hyp, precision, scale).passed:
+            return ()
+        out.append((n, float(k)))
+    # Any number is a scale of any other: a one-entry parameter is evidence of nothing. The
+    # finding needs a parameter of several entries that is a pure scale, and a one-entry
+    # parameter is named only with a factor that such a parameter shows too.
+    evidence = [k for n, k in out if pair.r.g[n].size > 1]
+    if not evidence:
+        return ()
+    for n, k in out:
+        if pair.r.g[n].size == 1 and not any(_close(k, e) for e in evidence):
+            return ()
+    return tuple(out)
+
+
+def _small_integers(values: "np.ndarray", limit: int = 1000) -> Optional[tuple[int, ...]]:
+    """``values`` as the smallest proportional non-negative integers (at most ``limit``), if they are."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2 or not np.all(np.isfinite(v)) or np.any(v < 0) or not np.any(v > 0):
+        return None
+    base = float(v[v > 0].min())
+    for mult in range(1, 13):
+        scaled = v / base * mult
+        ints = np.rint(scaled)
+        if np.all(np.abs(scaled - ints) <= 1e-3 * np.maximum(ints, 1.0)) and ints.max() <= limit:
+            out = ints.astype(np.int64)
+            gcd = int(np.gcd.reduce(out[out > 0]))
+            return tuple(int(x) for x in out // max(gcd, 1))
+    return None
 
 
 def _losses_reweighted(problem: GradientProblem, w: "np.ndarray", float64: bool, rtol: float) -> bool:
@@ -433,15 +608,19 @@ def run_check(
     coeffs = np.ones(b, dtype=np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
     hyps = ["mean", "sum"] if reduction == "auto" else [reduction]
 
+    # supplied gradients (per-sample checks) keep their dtype: the float64 re-check can only
+    # make the reference exact, so their own dtype's tolerance holds there too
+    fixed = getattr(problem, "fixed_batch_precision", False)
+
     def evaluate(float64: bool) -> tuple[dict, dict, dict[str, Comparison]]:
         precision = "float64" if float64 else problem.dtype
-        r, a = default_tolerances(precision, rtol, atol)
+        r, a = default_tolerances(problem.dtype if fixed else precision, rtol, atol)
         g = problem.batch_gradient(float64)
         g_side = _Side(g, list(g))
         _raise_non_finite(g_side, "batch gradient")  # before the reference is computed
         s = problem.reference_gradient(coeffs, float64)
         pair = _Pair(g, s, batch_side=g_side)
-        _raise_non_finite(pair.r, "reference gradient (per-sample accumulation)")
+        _raise_reference_non_finite(pair.r)  # the batch gradient is finite (checked above)
         total = float(coeffs.sum())
         # each hypothesis scales the one reference (1 for sum, 1/sum(c) for mean): no copies
         comps = {
@@ -459,6 +638,7 @@ def run_check(
     f64: Optional[Comparison] = None
     f64_error: Optional[str] = None
     used_f64 = problem.dtype == "float64"
+    vacuous = working.scale == 0.0  # every gradient exactly zero: nothing to compare
     if matched is None and float64_recheck and problem.dtype != "float64":
         try:
             g64, s64, comps64 = evaluate(True)
@@ -467,10 +647,13 @@ def run_check(
         except Exception as exc:  # the re-check is best effort: say why it could not run
             f64_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         else:
+            limit = rounding_shrink_limit(problem.dtype)
+            comps64 = {h: _mark_rounding(comps64[h], comps[h], limit) for h in hyps}
             matched = first_pass(comps64)
             f64 = comps64[matched or hyps[0]]
             g, s, used_f64 = g64, s64, True
-
+            # every gradient shrank like rounding: the model's gradients are all zero
+            vacuous = f64.scale <= limit * comps[matched or hyps[0]].scale
     report = GradEquivReport(
         passed=matched is not None,
         check=check,
@@ -492,18 +675,25 @@ def run_check(
         broadcast_scope=getattr(problem, "broadcast_scope", "the loss"),
         notes=list(notes),
         weights=tuple(float(x) for x in coeffs) if weighted else None,
+        vacuous=vacuous and matched is not None,
     )
     _tracking.record(report)  # the plugin counts every check, pass or fail
     if report.passed:
         return report
     final = report.final
-    report.findings = tuple(
-        diagnose(
-            problem, g, _references(s, coeffs, hyps[:1])[hyps[0]], coeffs, hyps[0], weighted,
-            final.rtol, final.atol, used_f64,
-        )
-    )
+    declared = _references(s, coeffs, hyps[:1])[hyps[0]]
+    own = getattr(problem, "diagnose_mismatch", None)  # a check with its own unit of comparison (per-sample rows)
+    if own is not None:
+        findings = own(g, declared, final.rtol, final.atol, final.precision)
+    else:
+        findings = diagnose(problem, g, declared, coeffs, hyps[0], weighted, final.rtol, final.atol, used_f64)
+    report.findings = tuple(findings)
     report.would_match = next(
-        (f.matched for f in report.findings if f.kind in ("factor", "known-weights") and f.matched), None
+        (
+            f"{f.matched} (unweighted)" if f.kind == "unweighted" else f.matched
+            for f in report.findings
+            if f.kind in ("factor", "known-weights", "unweighted") and f.matched
+        ),
+        None,
     )
     raise GradEquivError(report)

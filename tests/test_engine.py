@@ -309,12 +309,12 @@ def test_without_recheck_a_too_tight_tolerance_fails() -> None:
 
 
 def weighted_broadcast_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # (B, 1) * (1, 3) expands both operands, yet every sample's loss is its own.
-    return ((out - y) * torch.ones(1, 3)).pow(2).mean()
+    # (B, 1) * (1, B) pairs every sample with every other, yet each sample's loss is its own.
+    return ((out - y) * torch.ones(1, len(y))).pow(2).mean()
 
 
 def test_broadcast_that_does_not_change_gradients_warns() -> None:
-    with pytest.warns(BroadcastWarning, match=r"mul\(\(5, 1\), \(1, 3\)\) -> \(5, 3\)"):
+    with pytest.warns(BroadcastWarning, match=r"mul\(\(5, 1\), \(1, 5\)\) -> \(5, 5\)"):
         report = assert_gradequiv(mlp(), weighted_broadcast_loss, torch.randn(5, 4), torch.randn(5, 1))
     assert report.passed and report.broadcasts
 
@@ -366,7 +366,9 @@ def test_batchnorm_in_train_mode_is_refused_with_its_path() -> None:
     assert assert_gradequiv(model, F.mse_loss, torch.randn(6, 4), torch.randn(6, 1)).passed
 
 
-def test_functional_dropout_randomness_is_refused_clearly() -> None:
+def test_functional_dropout_is_neutralised_at_the_op_and_said() -> None:
+    # F.dropout(training=True) called directly, in train and in eval mode: dropout is
+    # switched off where it is applied, not only in nn.Dropout modules
     class Noisy(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -375,8 +377,25 @@ def test_functional_dropout_randomness_is_refused_clearly() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(F.dropout(x, 0.5, training=True))
 
-    with pytest.raises(UnsupportedModelError, match="draws random numbers"):
-        assert_gradequiv(Noisy(), F.mse_loss, torch.randn(6, 4), torch.randn(6, 1))
+    for model in (Noisy(), Noisy().eval()):
+        report = assert_gradequiv(model, F.mse_loss, torch.randn(6, 4), torch.randn(6, 1))
+        assert report.passed
+        assert any("F.dropout(p=0.5)" in d for d in report.dropout_disabled)
+        assert "F.dropout(p=0.5)" in str(report)
+
+
+def test_randomness_other_than_dropout_is_refused_clearly() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x + 0.1 * torch.randn_like(x))
+
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    with pytest.raises(UnsupportedModelError, match=r"training step is random.*torch\.randn_like at .*test_engine\.py:\d+"):
+        assert_gradequiv(Noisy(), F.mse_loss, x, y)
 
 
 def test_vmap_incompatible_model_falls_back_to_a_loop_and_says_so() -> None:

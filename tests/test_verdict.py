@@ -33,12 +33,15 @@ def gradient_pairs(draw: st.DrawFn) -> tuple[dict, dict]:
     return b, r
 
 
-def plain(b: np.ndarray, r: np.ndarray, k: float, rtol: float, atol: float) -> tuple[float, float, int]:
+def plain(
+    b: np.ndarray, r: np.ndarray, k: float, rtol: float, atol: float, problem: float
+) -> tuple[float, float, int]:
+    """The documented rule: ``max|b - k r| <= atol + rtol * max(own scale, 1e-3 * problem scale)``."""
     b, r = np.asarray(b, np.float64).ravel(), k * np.asarray(r, np.float64).ravel()
     if b.size == 0:
         return 0.0, atol, 0
     diff = np.abs(b - r)
-    allowed = atol + rtol * max(np.abs(b).max(), np.abs(r).max())
+    allowed = atol + rtol * max(np.abs(b).max(), np.abs(r).max(), 1e-3 * problem)
     return float(diff.max()), allowed, int((diff > allowed).sum()) if diff.max() > allowed else 0
 
 
@@ -49,8 +52,14 @@ def test_figures_match_a_plain_float64_computation(pair: tuple[dict, dict], k: f
     if flat:  # the layout the torch backend hands over: views into one buffer
         b, r = FlatGrads.of(b), FlatGrads.of(r)
     comp = _Pair(b, r).compare(k, 1e-4, 1e-6, "mean", "float32")
+    problem = max(
+        [float(np.abs(np.asarray(v, np.float64)).max()) for v in b.values() if np.size(v)]
+        + [abs(k) * float(np.abs(np.asarray(v, np.float64)).max()) for v in r.values() if np.size(v)],
+        default=0.0,
+    )
+    assert math.isclose(comp.scale, problem, rel_tol=1e-6)
     for pc in comp.params:
-        max_abs, allowed, over = plain(b[pc.name], r[pc.name], k, 1e-4, 1e-6)
+        max_abs, allowed, over = plain(b[pc.name], r[pc.name], k, 1e-4, 1e-6, problem)
         assert pc.shape == np.shape(r[pc.name])
         assert pc.numel == np.size(r[pc.name])
         # float32 inputs: b - k*r is formed in float32, within a few ulps of the scale
