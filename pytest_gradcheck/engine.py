@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._options import check_batch_sizes, validate_options
-from ._torch.randomness import NeutralDropout, Watch
+from ._torch.randomness import DropoutOff, NeutralDropout, Watch
 from ._torch.state import SavedState, disable_dropout_modules
 from .errors import GradCheckError, GradEquivError, InvalidArgument, UnsupportedModelError
 from .report import GradEquivReport
@@ -612,8 +612,9 @@ class _TorchProblem:
         self._saved: Optional[SavedState] = None  # while prepared()
         self._passes = 0
         self._touched: Optional[tuple[str, ...]] = None  # state the model writes in forward, once known
-        self._random_checked = False
         self._vmap_randomness = "error"
+        self._draws: list[Any] = []
+
         self.random_note: Optional[str] = None
         self.broadcasts: tuple[Any, ...] = ()
         self.watch_broadcast = watch_broadcast
@@ -621,6 +622,8 @@ class _TorchProblem:
         self._weight_candidates = weight_candidates
         self._copy_inputs = False
         self._modules = list(model.named_modules())  # walked once, for the checks below and dropout
+        self._watch_ops = False  # every op watched (random ops named): once a check has failed
+        self._off: Optional[DropoutOff] = None
         self.has_rnn = any(isinstance(m, torch.nn.RNNBase) for _, m in self._modules)
         # kept as tensors, read only by a diagnosis (loss_values): no device sync on a passing check
         self._batch_loss: dict[bool, torch.Tensor] = {}
@@ -635,10 +638,13 @@ class _TorchProblem:
         self._saved = saved
         self._passes = 0
         self._touched = None
+        off = self._off = DropoutOff().__enter__()  # dropout functions neutral for the whole check
         try:
+            saved.set_aside_accumulators()
             self._dropout_modules = disable_dropout_modules(self.model, self._modules)
             yield
         finally:
+            off.__exit__(None, None, None)
             self._saved = None
             saved.restore()
 
@@ -649,7 +655,8 @@ class _TorchProblem:
 
         # an nn.Dropout module's own F.dropout calls are named by the module's path
         rates = {f"(p={m.p:g})" for _, m in self._modules if isinstance(m, _DropoutNd) and m.training}
-        ops = [x for x in self._neutralised if not (x.startswith("F.") and x[x.index("(") :] in rates)]
+        seen = dict.fromkeys([*self._neutralised, *(self._off.neutralised if self._off is not None else ())])
+        ops = [x for x in seen if not (x.startswith("F.") and x[x.index("(") :] in rates)]
         if not ops:
             return tuple(self._dropout_modules)
         return (*self._dropout_modules, f"{', '.join(ops)} (applied functionally, neutralised at the op)")
@@ -784,11 +791,22 @@ class _TorchProblem:
 
     @contextlib.contextmanager
     def _neutral_dropout(self) -> Iterator[None]:
-        """Dropout ops neutralised and random draws recorded (see pytest_gradcheck._torch.randomness)."""
+        """Dropout ops neutralised and random draws recorded (see pytest_gradcheck._torch.randomness).
+
+        On the passing path the dropout functions are swapped for neutral ones
+        (:class:`DropoutOff`, no cost per op); once a check fails, every op is watched
+        (:class:`NeutralDropout`, ~1.5 us an op) so that random ops are named.
+        """
+        if not self._watch_ops:
+            yield  # DropoutOff is on for the whole check (prepared())
+            return
         with NeutralDropout() as nd:
             yield
         self._draws = nd.draws or []
-        for label in nd.neutralised:
+        self._note_neutralised(nd.neutralised)
+
+    def _note_neutralised(self, labels: Sequence[str]) -> None:
+        for label in labels:
             if label not in self._neutralised:
                 self._neutralised.append(label)
 
@@ -800,41 +818,61 @@ class _TorchProblem:
     # -- GradientProblem ------------------------------------------------------------------------
     def batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
         self._begin_pass()
-        if float64 or self._random_checked:
-            return self._retrying_with_copies(lambda: self._batch_gradient(float64))
-        self._random_checked = True
-        self._draws: list[Any] = []
-        with Watch() as watch:
-            g = self._retrying_with_copies(lambda: self._batch_gradient(float64))
-        draws = list(self._draws)
-        if draws or watch.moved:
-            self._check_randomness(g, draws, watch.moved)
-        return g
+        return self._retrying_with_copies(lambda: self._batch_gradient(float64))
 
-    def _check_randomness(self, g: Mapping[str, np.ndarray], draws: Sequence[Any], moved: Sequence[str]) -> None:
-        """The step drew random numbers (dropout already neutralised): run it again; if its
-        gradient changes, refuse clearly; if not, the draws are harmless (LayerDrop at rate 0...)."""
+    def confirm_deterministic(self, g: Optional[Mapping[str, np.ndarray]] = None) -> bool:
+        """Before a mismatch is diagnosed (or when vmap meets a random op): is the step random?
+
+        The batch gradient is computed again, twice, with the random ops recorded and the
+        global generators watched. If it changes from run to run, the step is random
+        (dropout is already neutralised at the ops): a clear error naming the op and the
+        user's line, never "samples interact". If it does not, any draws are harmless
+        (LayerDrop at rate 0) and vmap may run them. Nothing of this runs on a passing check.
+
+        Returns True when the runs so far were not all from the state before the check (the
+        forward writes into it in a way only a comparison by value shows): compare again.
+        """
         from .verdict import compare_gradients, default_tolerances
 
-        self._begin_pass()
-        again = self._retrying_with_copies(lambda: self._batch_gradient(False))
+        self._watch_ops = True  # record the random ops by name from now on
+        self._draws = []
+        runs = [] if g is None else [g]
+        if self._saved is not None:
+            # a forward that writes into its state, even its own weights through .data, is not
+            # random: from now on every run starts from the state before the check
+            written = self._saved.touched(parameters=True)
+            stale = bool(written) and not self._touched
+            if written:
+                self._touched = tuple(written)
+        else:
+            stale = False
+        with Watch() as watch:
+            while len(runs) < 2 or (g is not None and len(runs) < 3):
+                self._begin_pass()
+                runs.append(self._retrying_with_copies(lambda: self._batch_gradient(False)))
+        draws = list(self._draws)
         rtol, atol = default_tolerances(self.dtype)
-        names = [str(d) for d in draws] or [_GENERATORS.get(m, m) for m in moved]
+        same = all(
+            compare_gradients(runs[0], r, rtol=rtol, atol=atol, reduction="mean", precision=self.dtype).passed
+            for r in runs[1:]
+        )
+        names = [str(d) for d in draws] or [_GENERATORS.get(m, m) for m in watch.moved]
         what = ", ".join(dict.fromkeys(names))
-        if compare_gradients(g, again, rtol=rtol, atol=atol, reduction="mean", precision=self.dtype).passed:
-            self._vmap_randomness = "different"
-            self.random_note = (
-                f"the step draws random numbers ({what}) that do not change its gradient (two batch runs "
-                "agree), so they were left alone."
-            )
-            return
+        if same:
+            if draws or watch.moved:
+                self._vmap_randomness = "different"
+                self.random_note = (
+                    f"the step draws random numbers ({what}) that do not change its gradient (repeated "
+                    "batch runs agree), so they were left alone."
+                )
+            return stale
         raise UnsupportedModelError(
-            f"the training step is random: it draws random numbers ({what}) that change its gradient "
-            "from one run to the next (two batch runs with the same parameters and batch disagree), so "
-            "the batch run and the per-sample runs cannot be compared. Dropout is already switched off "
-            "at the ops; this is other randomness (noise, random masks, sampled timesteps). Make the "
-            "step deterministic for the check: pass the random tensors in as part of the batch, or "
-            "draw them from a generator you re-seed for each call."
+            f"the training step is random: it draws random numbers ({what or 'from an unknown source'}) "
+            "that change its gradient from one run to the next (batch runs with the same parameters and "
+            "batch disagree), so the batch run and the per-sample runs cannot be compared. Dropout is "
+            "already switched off at the ops; this is other randomness (noise, random masks, sampled "
+            "timesteps). Make the step deterministic for the check: pass the random tensors in as part "
+            "of the batch, or draw them from a generator you re-seed for each call."
         )
 
     def _batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
@@ -874,15 +912,10 @@ class _TorchProblem:
                 except Exception as exc:
                     if _writes_into_input(exc) and not self._copy_inputs:
                         raise
-                    if _is_randomness_error(exc):
-                        raise UnsupportedModelError(
-                            "the model (or the loss) draws random numbers on every forward pass, "
-                            "outside nn.Dropout modules (e.g. F.dropout(x, training=True), "
-                            "torch.randn_like): the batch run and the per-sample runs draw "
-                            "different numbers, so their gradients cannot be compared. Make the "
-                            "step deterministic for the check: put the module in eval mode, use "
-                            "nn.Dropout (the check switches it off), or pass the noise in as an input."
-                        ) from exc
+                    if _is_randomness_error(exc) and self._vmap_randomness == "error":
+                        # a random op under vmap: refused if it changes the gradient, else allowed
+                        self.confirm_deterministic()
+                        return self._reference_gradient(coeffs, float64)
                     if self.method == "vmap":
                         raise InvalidArgument(
                             f"torch.func.vmap could not run the model on single samples: {_first_line(exc)}; "

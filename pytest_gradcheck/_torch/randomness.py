@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import random
 import sys
+import threading
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["NeutralDropout", "Watch", "RandomDraw"]
+__all__ = ["DropoutOff", "NeutralDropout", "Watch", "RandomDraw"]
 
 
 def _rate(value: Any) -> float:
@@ -191,6 +192,95 @@ class NeutralDropout:
         self._mode = None
 
 
+# --------------------------------------------------------------------------- the passing path
+
+_PATCH_LOCK = threading.Lock()
+_PATCHED: dict[tuple[Any, str], Any] = {}  # (namespace, name) -> the original function
+_PATCH_USERS = [0]
+_WRAPPERS: dict[tuple[Any, str], tuple[Any, Any]] = {}  # built once: (original, neutral wrapper)
+_local = threading.local()
+
+
+def _namespaces() -> list[tuple[Any, str]]:
+    F = torch.nn.functional
+    names = [(F, n) for n in ("dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+                              "dropout3d", "scaled_dot_product_attention")]
+    names += [(torch, n) for n in ("dropout", "alpha_dropout", "feature_dropout", "feature_alpha_dropout",
+                                   "native_dropout")]
+    return [(ns, n) for ns, n in names if hasattr(ns, n)]
+
+
+def _wrapper(original: Any, spec: tuple[str, int, str, int, str]) -> Any:
+    def neutral(*args: Any, **kwargs: Any) -> Any:
+        stack = getattr(_local, "stack", None)
+        if stack:  # this thread is inside a check: run the op as in eval mode
+            args, kwargs = stack[-1]._neutralise(spec, args, kwargs)
+        return original(*args, **kwargs)
+
+    neutral.__wrapped__ = original  # type: ignore[attr-defined]
+    neutral.__name__ = getattr(original, "__name__", "dropout")
+    neutral.__doc__ = getattr(original, "__doc__", None)
+    return neutral
+
+
+class DropoutOff:
+    """Dropout ops neutralised for the current thread, at no cost per op (the passing path).
+
+    The dropout functions of ``torch.nn.functional`` and ``torch`` (``F.dropout`` and its
+    variants, ``scaled_dot_product_attention``'s ``dropout_p``, ``torch.dropout``) are
+    replaced, while any check runs, by wrappers that pass ``training=False`` /
+    ``dropout_p=0`` when the calling thread is inside a check, and call through
+    unchanged otherwise. Code looks these functions up on the module at call time
+    (``F.dropout``, ``nn.functional.dropout``, ``torch.nn.functional.scaled_dot_product_attention``),
+    as torch.nn and transformers do. Dropout reached another way (a name bound by
+    ``from ... import``, a ``bernoulli_`` mask) is not neutralised: it shows as
+    randomness when a check fails (:class:`NeutralDropout` records it by name).
+
+    >>> import torch
+    >>> with DropoutOff() as off:
+    ...     y = torch.nn.functional.dropout(torch.ones(4), p=0.5, training=True)
+    >>> bool((y == 1).all()), off.neutralised
+    (True, ['F.dropout(p=0.5)'])
+    """
+
+    def __init__(self) -> None:
+        self.neutralised: list[str] = []
+
+    _neutralise = None  # set below: shared with NeutralDropout
+
+    def __enter__(self) -> "DropoutOff":
+        with _PATCH_LOCK:
+            if _PATCH_USERS[0] == 0:
+                if not _WRAPPERS:
+                    table, _ = _tables()
+                    for ns, name in _namespaces():
+                        original = getattr(ns, name)
+                        if original in table:
+                            _WRAPPERS[(ns, name)] = (original, _wrapper(original, table[original]))
+                for (ns, name), (original, neutral) in _WRAPPERS.items():
+                    if getattr(ns, name) is original:  # leave alone what someone else replaced
+                        _PATCHED[(ns, name)] = original
+                        setattr(ns, name, neutral)
+            _PATCH_USERS[0] += 1
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.stack.pop()
+        with _PATCH_LOCK:
+            _PATCH_USERS[0] -= 1
+            if _PATCH_USERS[0] == 0:
+                for (ns, name), original in _PATCHED.items():
+                    setattr(ns, name, original)
+                _PATCHED.clear()
+
+
+DropoutOff._neutralise = NeutralDropout._neutralise  # type: ignore[assignment]
+
+
 class Watch:
     """Whether the global generators moved during a block (torch CPU/CUDA, NumPy, Python).
 
@@ -210,7 +300,7 @@ class Watch:
         self._torch = torch.get_rng_state()
         self._cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         self._py = random.getstate()
-        self._np = NumpyGlobalRNG() if "numpy" in sys.modules else None
+        self._np = NumpyGlobalRNG.watch() if "numpy" in sys.modules else None
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -46,6 +46,12 @@ _MODULE_SKIP = frozenset({"training", "_parameters", "_buffers", "_modules"})
 
 _CONTAINERS = (list, dict, set, collections.deque)
 
+#: values that hold no state of their own (restoring the attribute restores them)
+_ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device})
+
+#: the registries every nn.Module carries (hooks, state-dict hooks, buffer bookkeeping)
+_NN_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
+
 
 class _Entry:
     """One object's saved contents: a container's items or an object's ``__dict__``."""
@@ -104,6 +110,13 @@ class _Entry:
 
 
 _MISSING = object()
+
+
+def _per_sample_shaped(value: Any, p: torch.Tensor) -> bool:
+    """A tensor of shape ``(N, *p.shape)``, or a non-empty list of them."""
+    if isinstance(value, list):
+        return bool(value) and all(_per_sample_shaped(v, p) for v in value)
+    return isinstance(value, torch.Tensor) and value.dim() == p.dim() + 1 and tuple(value.shape[1:]) == tuple(p.shape)
 
 
 def _kind(value: Any) -> Optional[str]:
@@ -185,6 +198,7 @@ class _AttrState:
 
     def __init__(self, roots: Sequence[torch.nn.Module]) -> None:
         self.entries: list[_Entry] = []
+        self.empty: list[Any] = []  # nn.Module registries that were empty
         self.tensors: list[tuple[torch.Tensor, int, Optional[torch.Tensor], str]] = []
         self._seen: set[int] = set()
         params: list[tuple[str, torch.Tensor]] = []
@@ -219,7 +233,17 @@ class _AttrState:
         self._seen.add(id(obj))
         entry = _Entry(obj, "attrs", path, skip)
         self.entries.append(entry)
+        internal = isinstance(obj, torch.nn.Module)
         for k, v in entry.saved.items():
+            if type(v) in _ATOMS:
+                continue  # numbers, strings, flags: restored by the attribute itself
+            if internal and k in _NN_INTERNALS:
+                # nn.Module's own hook and state-dict registries, nearly always empty: an
+                # empty one is only emptied again on restore, a full one is saved like any dict
+                if not v:
+                    if isinstance(v, (dict, set)):
+                        self.empty.append(v)
+                    continue
             self._value(v, f"{path}.{k}", depth)
 
     def _value(self, v: Any, path: str, depth: int) -> None:
@@ -257,6 +281,8 @@ class _AttrState:
     def changed(self) -> list[str]:
         """Paths of the state that differs from the saved one."""
         out = [e.path for e in self.entries if e.changed()]
+        if any(self.empty):
+            out.append("a module's hook registry")
         for t, version, _copy, path in self.tensors:
             if t._version != version and path not in out:
                 out.append(path)
@@ -266,6 +292,9 @@ class _AttrState:
         for e in self.entries:
             if e.changed():
                 e.restore()
+        for registry in self.empty:
+            if registry:
+                registry.clear()
         changed = [(t, copy) for t, version, copy, _ in self.tensors if t._version != version and copy is not None]
         if changed:
             with torch.no_grad():
@@ -300,7 +329,6 @@ class SavedState:
                 if isinstance(t, torch.nn.Parameter):
                     g = t.grad
                     self.grads.append((t, g, None if g is None else g.detach().clone()))
-        self.versions = [t._version for t, _ in self.tensors]
         self.attrs = _AttrState(modules)
         self.default_dtype = torch.get_default_dtype()
         self.rng = torch.get_rng_state()
@@ -310,12 +338,39 @@ class SavedState:
         self.py_rng = random.getstate()
         self.np_rng = NumpyGlobalRNG()
 
-    def touched(self) -> list[str]:
-        """What the runs so far wrote into the model's state (buffers, attributes, hook state), by path."""
+    def set_aside_accumulators(self) -> list[str]:
+        """Empty the per-sample gradient buffers that libraries keep on parameters, for the check.
+
+        An attribute of a parameter that holds a tensor of shape ``(N, *param.shape)`` (or a
+        list of them) is a buffer a backward hook accumulates into (opacus' ``grad_sample``,
+        BackPACK's ``grad_batch``). Left in place, the check's own backward passes would add
+        to what the user's last step stored (opacus refuses that under Poisson sampling).
+        They are set to None for the check's runs (and again by every :meth:`reset`), and
+        the user's buffers are put back by :meth:`restore`. Returns their paths.
+        """
+        aside: list[tuple[Any, str]] = []
+        for t, _ in self.tensors:
+            if not isinstance(t, torch.nn.Parameter):
+                continue
+            for key, value in list(vars(t).items()):
+                if _per_sample_shaped(value, t):
+                    aside.append((t, key))
+        self._aside = aside
+        self._clear_aside()
+        return [f"{self.names[id(t)]}.{key}" for t, key in aside]
+
+    def _clear_aside(self) -> None:
+        for t, key in getattr(self, "_aside", ()):
+            vars(t)[key] = None
+
+    def touched(self, parameters: bool = False) -> list[str]:
+        """What the runs so far wrote into the model's state, by path: buffers (compared by value,
+        so a write through ``.data`` counts), attributes and hook state; with ``parameters``,
+        parameter values too (a forward that clips its own weights through ``.data``)."""
         out = [
             self.names[id(t)]
-            for (t, _), version in zip(self.tensors, self.versions)
-            if t._version != version and not isinstance(t, torch.nn.Parameter)
+            for t, saved in self.tensors
+            if (parameters or not isinstance(t, torch.nn.Parameter)) and not torch.equal(t, saved)
         ]
         return out + self.attrs.changed()
 
@@ -323,6 +378,7 @@ class SavedState:
         """Put the model's state (tensors, attributes, hook state) back as saved; modes and RNGs stay."""
         self._restore_tensors()
         self.attrs.restore()
+        self._clear_aside()
 
     def _restore_tensors(self) -> None:
         undo = [(t, saved) for t, saved in self.tensors if not torch.equal(t, saved)]  # NaN != NaN: copied, harmless
@@ -367,9 +423,16 @@ class NumpyGlobalRNG:
     _RAW_BYTES = 624 * 4 + 4  # mt19937_state: uint32 key[624]; int pos
     _raw_ok: Optional[bool] = None
 
-    def __init__(self) -> None:
-        self.state = np.random.get_state()
+    def __init__(self, full: bool = True) -> None:
         self.raw = self._raw()
+        # the full state (a copy of the key, ~0.1 ms) is needed to restore; to watch for
+        # draws the raw key and position suffice where the ctypes interface is usable
+        self.state = np.random.get_state() if full or self.raw is None else None
+
+    @classmethod
+    def watch(cls) -> "NumpyGlobalRNG":
+        """A cheap snapshot that can tell whether anything drew (see :meth:`moved`), not restore."""
+        return cls(full=False)
 
     @classmethod
     def _raw_usable(cls) -> bool:
@@ -395,8 +458,10 @@ class NumpyGlobalRNG:
 
     def moved(self) -> bool:
         """Whether anything drew from the generator since the snapshot."""
-        if self.raw is not None and not self.state[3]:
+        if self.raw is not None and (self.state is None or not self.state[3]):
             return self._raw() != self.raw
+        if self.state is None:  # pragma: no cover - state is kept whenever raw is None
+            return False
         now = np.random.get_state()
         return bool(now[2] != self.state[2] or now[3] != self.state[3] or not np.array_equal(now[1], self.state[1]))
 
@@ -410,14 +475,12 @@ class NumpyGlobalRNG:
 def disable_dropout_modules(
     model: torch.nn.Module, modules: Optional[Sequence[tuple[str, torch.nn.Module]]] = None
 ) -> tuple[str, ...]:
-    """Switch off the dropout of modules that apply it outside ``F.dropout``; return the paths
-    of every dropout module that is active in train mode.
+    """Switch off torch.nn's dropout-applying modules; return the paths of those active in train mode.
 
-    ``nn.Dropout*`` modules are listed (their ``F.dropout`` calls are neutralised at
-    the op, see :mod:`pytest_gradcheck._torch.randomness`, so code that reads
-    their ``training`` flag sees it unchanged); ``nn.RNN``/``LSTM``/``GRU``
-    (dropout between layers, inside the fused kernel) and
-    ``nn.MultiheadAttention`` are put in eval mode. Modes are restored after the check.
+    ``nn.Dropout*``, ``nn.RNN``/``LSTM``/``GRU`` (dropout between layers, inside the
+    fused kernel) and ``nn.MultiheadAttention`` are put in eval mode; dropout applied
+    anywhere else (functionally, by a library) is neutralised at the op, see
+    :mod:`pytest_gradcheck._torch.randomness`. Modes are restored after the check.
     """
     from torch.nn.modules.dropout import _DropoutNd
 
@@ -427,7 +490,7 @@ def disable_dropout_modules(
             continue
         if isinstance(module, _DropoutNd):
             rate = module.p
-            switch = False
+            switch = True  # its F.dropout call is also neutralised at the op where ops are watched
         elif isinstance(module, (torch.nn.MultiheadAttention, torch.nn.RNNBase)):
             rate = float(getattr(module, "dropout", 0.0) or 0.0)
             switch = True
