@@ -314,7 +314,8 @@ def make_floor(case: Case) -> Callable[[], None]:
     engine's vmap helpers for attention and RNNs are on, so the figure is this design's
     floor; no state is saved, nothing is compared or converted.
     """
-    from pytest_gradcheck.engine import _disable_dropout, _vmap_friendly_attention, _vmap_friendly_rnn
+    from pytest_gradcheck._torch.state import disable_dropout_modules
+    from pytest_gradcheck._torch.vmap import vmap_friendly_attention, vmap_friendly_rnn
 
     model, loss_fn, inputs, targets = case.model, case.loss_fn, case.inputs, case.targets
     params = [p for p in model.parameters() if p.requires_grad]
@@ -328,10 +329,10 @@ def make_floor(case: Case) -> Callable[[], None]:
 
     def floor() -> None:
         modes = [(m, m.training) for m in model.modules()]
-        _disable_dropout(model)
+        disable_dropout_modules(model)
         try:
             torch.autograd.grad(loss_fn(model(*inputs), targets), params)
-            with _vmap_friendly_attention(device), _vmap_friendly_rnn(has_rnn):
+            with vmap_friendly_attention(device), vmap_friendly_rnn(has_rnn):
                 losses = torch.func.vmap(one, randomness="error")(*shaped)
             torch.autograd.grad(losses.sum(), params)
         finally:

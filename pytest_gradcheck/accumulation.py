@@ -28,18 +28,16 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._options import check_batch_sizes, validate_options
-from .engine import (
-    _as_scalar_loss,
-    _batch_size,
-    _check_model,
-    _first_line,
-    _leaf_paths,
-    _TorchProblem,
+from ._torch.inputs import (
+    batch_size_of,
+    check_model,
+    leaf_paths,
     loss_call_arguments,
-    loss_step_builder,
     non_ignored_counts,
     shifted_label,
 )
+from ._torch.loss import as_scalar_loss, first_line, loss_step_builder
+from ._torch.problem import TorchProblem
 from .errors import GradEquivError, InvalidArgument
 from .report import GradEquivReport
 from .verdict import run_check
@@ -197,10 +195,10 @@ def assert_accumulation_equiv_step(
         {"reduction": reduction, "rtol": rtol, "atol": atol, "float64_recheck": float64_recheck}
     )
     opts["broadcast"] = "off"
-    _check_model(model)
+    check_model(model)
     if not callable(step_fn):
         raise InvalidArgument(f"step_fn must be callable, got {type(step_fn).__name__}")
-    b = _batch_size(batch, True)
+    b = batch_size_of(batch, True)
     sizes = split_sizes(micro_batches, b)
     bounds = _bounds(sizes)
 
@@ -208,7 +206,7 @@ def assert_accumulation_equiv_step(
         return step_fn
 
     leaves, spec = pytree.tree_flatten(batch)
-    paths = _leaf_paths(batch)
+    paths = leaf_paths(batch)
 
     def micro(k: int) -> Any:
         start, stop = bounds[k]
@@ -355,7 +353,7 @@ def _resolve_weights(
                 raise
             except Exception as exc:
                 raise InvalidArgument(
-                    f"{call_name} raised {type(exc).__name__} on micro-batch {i}: {_first_line(exc)}"
+                    f"{call_name} raised {type(exc).__name__} on micro-batch {i}: {first_line(exc)}"
                 ) from exc
             try:
                 values.append(float(v.detach().cpu()) if isinstance(v, torch.Tensor) else float(v))
@@ -451,7 +449,7 @@ def _accumulation_advice(report: GradEquivReport) -> Optional[str]:
 # --------------------------------------------------------------------------- the problem
 
 
-class _MicroBatchProblem(_TorchProblem):
+class _MicroBatchProblem(TorchProblem):
     """A :class:`~pytest_gradcheck.verdict.GradientProblem` whose "samples" are micro-batches.
 
     The batch gradient is the full batch's (inherited); the reference runs each
@@ -508,13 +506,13 @@ class _MicroBatchProblem(_TorchProblem):
         start, stop = self.bounds[k]
         try:
             micro = self._slice(leaves, start, stop)
-            loss = _as_scalar_loss(self._call(state, micro, step), where=f"micro-batch {k}")
+            loss = as_scalar_loss(self._call(state, micro, step), where=f"micro-batch {k}")
         except (InvalidArgument, GradEquivError):
             raise
         except Exception as exc:
             raise InvalidArgument(
                 f"the step failed on micro-batch {k} (samples {start}:{stop}, {stop - start} sample"
-                f"{'s' if stop - start != 1 else ''}): {type(exc).__name__}: {_first_line(exc)}"
+                f"{'s' if stop - start != 1 else ''}): {type(exc).__name__}: {first_line(exc)}"
             ) from exc
         if not bool(torch.isfinite(loss.detach())):
             raise InvalidArgument(

@@ -52,18 +52,16 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._options import check_batch_sizes, check_bool, check_choice, check_tolerance
-from .engine import (
-    _as_scalar_loss,
-    _class_name,
-    _default_dtype,
-    _describe_leaf,
-    _disable_dropout,
-    _first_line,
-    _leaf_paths,
-    _sparse_input_message,
-    _zero_dim_message,
+from ._torch.inputs import (
+    class_name,
+    describe_leaf,
+    leaf_paths,
     loss_form_paths,
+    sparse_input_message,
+    zero_dim_message,
 )
+from ._torch.loss import as_scalar_loss, default_dtype, first_line
+from ._torch.state import disable_dropout_modules
 from .errors import DDPTimeoutError, DDPWorkerError, GradCheckError, GradEquivError, InvalidArgument
 from .report import Finding, GradEquivReport
 from .verdict import compare_gradients, default_tolerances, run_check
@@ -247,7 +245,7 @@ class _Step:
 
     def __call__(self, model: torch.nn.Module, batch: Any, where: str) -> torch.Tensor:
         if self.step_fn is not None:
-            return _as_scalar_loss(self.step_fn(model, batch), where=where)
+            return as_scalar_loss(self.step_fn(model, batch), where=where)
         xs, ys = batch
         out = model(*xs)
         if self.loss_fn is None:  # pragma: no cover - excluded by _Config
@@ -258,7 +256,7 @@ class _Step:
             loss = self.loss_fn(out, *ys)
         else:
             loss = self.loss_fn(out, ys[0])
-        return _as_scalar_loss(loss, where=where)
+        return as_scalar_loss(loss, where=where)
 
 
 class _Config:
@@ -354,10 +352,10 @@ class _Config:
             self.step = _Step(None, step_fn, "none")
             self.batch = inputs
             allow_non_tensor = True
-            paths = _leaf_paths(inputs)
+            paths = leaf_paths(inputs)
         else:
             if isinstance(loss_fn, type) and issubclass(loss_fn, torch.nn.Module):
-                name = _class_name(loss_fn)
+                name = class_name(loss_fn)
                 raise InvalidArgument(f"loss_fn is the class {name}; pass an instance: {name}()")
             if not callable(loss_fn):
                 raise InvalidArgument(f"loss_fn must be callable, got {type(loss_fn).__name__} (or pass step_fn=...)")
@@ -452,10 +450,10 @@ def _batch_size(batch: Any, allow_non_tensor: bool, paths: list[str]) -> int:
     for path, leaf in zip(paths, leaves):
         if isinstance(leaf, torch.Tensor):
             if leaf.dim() == 0:
-                raise InvalidArgument(_zero_dim_message(path))
+                raise InvalidArgument(zero_dim_message(path))
             if leaf.layout != torch.strided:
-                raise InvalidArgument(_sparse_input_message(path, leaf))
-            sizes.append((_describe_leaf(path, leaf), int(leaf.shape[0])))
+                raise InvalidArgument(sparse_input_message(path, leaf))
+            sizes.append((describe_leaf(path, leaf), int(leaf.shape[0])))
         elif not allow_non_tensor:
             raise InvalidArgument(f"{path} is a {type(leaf).__name__}, not a tensor")
     if not sizes:
@@ -525,7 +523,7 @@ def _check_picklable(obj: Any, name: str, what: str) -> None:
     try:
         pickle.dumps(obj)
     except Exception as exc:  # PicklingError, AttributeError ("Can't pickle local object"), TypeError
-        raise InvalidArgument(f"{message}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise InvalidArgument(f"{message}: {type(exc).__name__}: {first_line(exc)}") from None
     module = getattr(obj, "__module__", None) if isinstance(obj, (types.FunctionType, type)) else None
     if module == "__main__" and not getattr(sys.modules.get("__main__"), "__file__", None):
         raise InvalidArgument(
@@ -636,7 +634,7 @@ class _Reference:
         self.cfg = cfg
         with _seeded():
             self.model = _build_model(cfg.make_model, "in the parent process")
-        self.dropout = _disable_dropout(self.model)
+        self.dropout = disable_dropout_modules(self.model)
         self.batchnorms = _batchnorms(self.model)
         self.names = [n for n, _ in _trainable(self.model)]
         first = _trainable(self.model)[0][1]
@@ -667,7 +665,7 @@ class _Reference:
         batch = self.cfg.batch if idx is None else _take(self.cfg.batch, idx)
         saved = {n: b.detach().clone() for n, b in model.named_buffers()}
         params = [p for _, p in _trainable(model)]
-        with _default_dtype(float64), _seeded():
+        with default_dtype(float64), _seeded():
             loss = self.cfg.step(model, _convert(batch, float64, self.device), where="batch")
             if not loss.requires_grad:
                 raise InvalidArgument(
@@ -836,7 +834,7 @@ def _run_ranks(cfg: _Config, ref: _Reference) -> list[_RankResult]:
     except Exception as exc:
         sock.close()
         raise InvalidArgument(
-            f"the check's arguments cannot be sent to the spawned processes: {type(exc).__name__}: {_first_line(exc)}"
+            f"the check's arguments cannot be sent to the spawned processes: {type(exc).__name__}: {first_line(exc)}"
         ) from None
     modules = _modules_to_ship(module_names)
     fd = sock.detach()
@@ -1092,7 +1090,7 @@ def _describe_error(exc: BaseException) -> dict[str, Any]:
     dist_error = type(exc).__name__.startswith("Dist") or "gloo" in lowered or "connection" in lowered
     return {
         "type": type(exc).__name__,
-        "message": _first_line(exc) if not isinstance(exc, InvalidArgument) else text,
+        "message": first_line(exc) if not isinstance(exc, InvalidArgument) else text,
         "traceback": _user_traceback(exc),
         "invalid": isinstance(exc, InvalidArgument),
         "collective": dist_error,
@@ -1114,7 +1112,7 @@ def _rank_step(rank: int, spec: Mapping[str, Any], stage: Callable[[str], None])
     stage("building the model (make_model())")
     torch.manual_seed(0)
     model = _build_model(spec["make_model"], f"in rank {rank}")
-    _disable_dropout(model)
+    disable_dropout_modules(model)
     init_hash = _state_hash(model)
     init_state = None
     if rank == 0 and init_hash != spec["expected_hash"]:
@@ -1139,7 +1137,7 @@ def _rank_step(rank: int, spec: Mapping[str, Any], stage: Callable[[str], None])
             device = next(p for _, p in _trainable(m)).device
             ddp = DDP(m, **spec["ddp_options"])
         losses = []
-        with _default_dtype(float64):
+        with default_dtype(float64):
             torch.manual_seed(0)
             for j, idx in enumerate(micro):
                 ctx = ddp.no_sync() if j < len(micro) - 1 else contextlib.nullcontext()
@@ -1172,7 +1170,7 @@ def _rank_step(rank: int, spec: Mapping[str, Any], stage: Callable[[str], None])
         except Exception as exc:
             if type(exc).__name__.startswith("Dist"):
                 raise
-            payload["f64_error"] = f"{type(exc).__name__}: {_first_line(exc)}"
+            payload["f64_error"] = f"{type(exc).__name__}: {first_line(exc)}"
     return payload
 
 
@@ -1381,7 +1379,7 @@ class _DDPProblem:
                     for n in expected:
                         expected[n] = expected[n] + g[n] / w
         except Exception as exc:  # the hypothesis could not be computed: say nothing about it
-            say(f"(the ranks' steps could not be re-run one at a time for a diagnosis: {_first_line(exc)})")
+            say(f"(the ranks' steps could not be re-run one at a time for a diagnosis: {first_line(exc)})")
             return findings
         if close(ddp, expected):
             if cfg.repeated:

@@ -100,3 +100,8 @@ class DDPWorkerError(GradCheckError, RuntimeError):
         self.rank = rank
         self.remote_traceback = remote_traceback
         super().__init__(message)
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 240 else line[:237] + "..."

@@ -39,8 +39,11 @@ from torch.utils import _pytree as pytree
 
 from . import _tracking
 from ._options import check_batch_sizes, check_tolerance
+from ._torch.inputs import check_model
+from ._torch.loss import first_line
+from ._torch.problem import check_sample_mixing
 from ._torch.randomness import NeutralDropout
-from .engine import _check_model, _check_sample_mixing, _disable_dropout, _first_line, _SavedState
+from ._torch.state import SavedState, disable_dropout_modules
 from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
 from .report import _fmt
 from .verdict import default_tolerances
@@ -223,7 +226,7 @@ def assert_batch_independent(
     ((0, 1), (0, 2))
     """
     __tracebackhide__ = True
-    _check_model(model)
+    check_model(model)
     rtol_v = check_tolerance(rtol, "rtol")
     atol_v = check_tolerance(atol, "atol")
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
@@ -234,12 +237,12 @@ def assert_batch_independent(
     xs = _as_inputs(inputs)
     names = tuple(f"inputs[{k}]" if is_tuple else "inputs" for k in range(len(xs)))
     b = _common_batch_size(xs, names)
-    _check_sample_mixing(model)
+    check_sample_mixing(model)
     checked, subset = _choose_samples(samples, b, max_samples, seed)
 
-    saved = _SavedState(model, ())
+    saved = SavedState(model, ())
     try:
-        dropout = _disable_dropout(model)
+        dropout = disable_dropout_modules(model)
         checker = _Checker(model, xs, names, checked, seed, rtol_v, atol_v)
         # dropout applied functionally (attention dropout_p, F.dropout with a rate read from
         # a module or a float attribute) is switched off at the op
@@ -356,7 +359,7 @@ class _Checker:
             raise
         except Exception as exc:
             raise InvalidArgument(
-                f"the model raised {type(exc).__name__} on {where}: {_first_line(exc)}"
+                f"the model raised {type(exc).__name__} on {where}: {first_line(exc)}"
             ) from exc
 
     def _leaves(self, out: Any, b: int, *, first: bool = False) -> list[torch.Tensor]:
@@ -617,7 +620,7 @@ class _Checker:
             except InvalidArgument as exc:
                 self.notes.append(
                     "the batch-of-one comparison was skipped: the model cannot run on a single sample "
-                    f"({_first_line(exc)})"
+                    f"({first_line(exc)})"
                 )
                 return mismatches, rounding, False
             if len(alone) != len(base):
@@ -646,7 +649,7 @@ class _Checker:
                         d64, _, allowed64 = self._compare(base64[n][i], alone64[n][0], r64, a64)  # type: ignore[index]
                         survives = not d64 <= allowed64
                     except Exception as exc:  # best effort: say why
-                        self.notes.append(f"the float64 re-check of the batch-of-one runs could not run: {_first_line(exc)}")
+                        self.notes.append(f"the float64 re-check of the batch-of-one runs could not run: {first_line(exc)}")
                         survives = None
                 else:
                     survives = True

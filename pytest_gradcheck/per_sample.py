@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from ._options import validate_options
-from .engine import TensorOrTuple, _TorchProblem, loss_call_arguments, loss_step_builder
+from ._torch.inputs import TensorOrTuple, loss_call_arguments
+from ._torch.loss import loss_step_builder
+from ._torch.problem import TorchProblem
 from .errors import InvalidArgument
 from .report import Finding, GradEquivReport
 from .verdict import FlatGrads, _Pair, run_check
@@ -67,7 +69,7 @@ def assert_per_sample_gradients(
     opts = validate_options({"rtol": rtol, "atol": atol, "reference": reference, "float64_recheck": float64_recheck})
     inputs_t, targets_t, targets_is_tuple = loss_call_arguments(model, loss_fn, inputs, targets)
     build = loss_step_builder(loss_fn, has_targets=bool(targets_t), targets_is_tuple=targets_is_tuple)
-    inner = _TorchProblem(
+    inner = TorchProblem(
         model,
         build,
         (inputs_t, targets_t),
@@ -89,7 +91,7 @@ def assert_per_sample_gradients(
 
 
 def _supplied(
-    model: torch.nn.Module, inner: _TorchProblem, grads: Optional[Mapping[str, Any]]
+    model: torch.nn.Module, inner: TorchProblem, grads: Optional[Mapping[str, Any]]
 ) -> dict[str, torch.Tensor]:
     """The user's per-sample gradients, validated: every trainable parameter, shape (B, *shape)."""
     b = inner.batch_size
@@ -155,7 +157,7 @@ class _PerSampleProblem:
     backend = "torch"
     fixed_batch_precision = True  # the supplied gradients stay in their dtype in the float64 re-check
 
-    def __init__(self, inner: _TorchProblem, supplied: dict[str, torch.Tensor]) -> None:
+    def __init__(self, inner: TorchProblem, supplied: dict[str, torch.Tensor]) -> None:
         self.inner = inner
         self.supplied = supplied
         self.batch_size = inner.batch_size

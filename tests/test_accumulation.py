@@ -353,8 +353,8 @@ def test_cuda_models_are_checked_on_their_device() -> None:
 @pytest.mark.parametrize("float64", [False, True])
 def test_micro_batch_units_are_the_micro_batches_for_every_pass(float64: bool) -> None:
     """The per-unit gradients a diagnosis reads are those of each micro-batch run alone."""
+    from pytest_gradcheck._torch.loss import loss_step_builder
     from pytest_gradcheck.accumulation import _MicroBatchProblem
-    from pytest_gradcheck.engine import loss_step_builder
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))

@@ -700,10 +700,11 @@ def test_packed_sequences_still_fall_back_to_the_loop() -> None:
 
 def test_gradient_layout_matches_torch_for_strided_missing_and_widened_gradients() -> None:
     """``_to_numpy`` (NumPy concatenation on CPU, torch.cat elsewhere) keeps every value in place."""
-    from pytest_gradcheck.engine import _TorchProblem, loss_step_builder
+    from pytest_gradcheck._torch.loss import loss_step_builder
+    from pytest_gradcheck._torch.problem import TorchProblem
 
     model = nn.Linear(3, 2)
-    problem = _TorchProblem(
+    problem = TorchProblem(
         model,
         loss_step_builder(F.mse_loss, has_targets=True, targets_is_tuple=False),
         ((torch.randn(4, 3),), (torch.randn(4, 2),)),

@@ -343,14 +343,14 @@ def test_a_training_step_that_ignores_its_batch_is_refused_by_the_loop_reference
 
 
 def test_the_sample_use_probe_sees_integer_ids_and_refuses_a_fixed_tensor() -> None:
-    from pytest_gradcheck.engine import _run_watching_sample
+    from pytest_gradcheck._torch.loss import run_watching_sample
 
     torch.manual_seed(0)
     emb = nn.Embedding(10, 2)
     ids = torch.randint(0, 10, (1, 2))
-    assert _run_watching_sample(lambda: emb(ids).sum(), {"ids": ids, "n": 3}).shape == ()
+    assert run_watching_sample(lambda: emb(ids).sum(), {"ids": ids, "n": 3}).shape == ()
     with pytest.raises(InvalidArgument, match="^the loss does not depend on the batch"):
-        _run_watching_sample(lambda: emb(torch.zeros(1, 2, dtype=torch.long)).sum(), {"ids": ids})
+        run_watching_sample(lambda: emb(torch.zeros(1, 2, dtype=torch.long)).sum(), {"ids": ids})
 
 
 def test_a_loss_that_ignores_outputs_and_targets_is_refused() -> None:

@@ -16,11 +16,11 @@ from pytest_gradcheck import (
     BroadcastWarning,
     GradEquivError,
     InvalidArgument,
+    _tracking,
     allow_broadcast,
     assert_grad_numpy,
     assert_gradequiv_numpy,
 )
-from pytest_gradcheck import _tracking
 from pytest_gradcheck.numpy_backend import FiniteDifferenceReport, TrackedArray
 
 THIS_FILE = os.path.abspath(__file__)
