@@ -62,9 +62,10 @@ from ._torch.inputs import (
 )
 from ._torch.loss import as_scalar_loss, default_dtype, first_line
 from ._torch.state import disable_dropout_modules
+from .compare import compare_gradients, default_tolerances
 from .errors import DDPTimeoutError, DDPWorkerError, GradCheckError, GradEquivError, InvalidArgument
 from .report import Finding, GradEquivReport
-from .verdict import compare_gradients, default_tolerances, run_check
+from .verdict import run_check
 
 __all__ = ["DDPTimeoutError", "DDPWorkerError", "assert_ddp_equiv"]
 

@@ -44,9 +44,9 @@ from ._torch.loss import first_line
 from ._torch.problem import check_sample_mixing
 from ._torch.randomness import NeutralDropout
 from ._torch.state import SavedState, disable_dropout_modules
+from .compare import default_tolerances
 from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
-from .report import _fmt
-from .verdict import default_tolerances
+from .report.format import fmt_number
 
 __all__ = [
     "assert_batch_independent",
@@ -785,7 +785,7 @@ def _evidence(lk: Leak) -> str:
         return f"gradient w.r.t. {lk.input}[{lk.input_sample}] is non-zero{rel}"
     if math.isnan(lk.strength):
         return "changing all other samples together changes it"
-    return f"changing {lk.input}[{lk.input_sample}] changes it by rel {_fmt(lk.strength)}"
+    return f"changing {lk.input}[{lk.input_sample}] changes it by rel {fmt_number(lk.strength)}"
 
 
 def render(report: BatchIndependenceReport) -> str:
@@ -835,7 +835,7 @@ def render(report: BatchIndependenceReport) -> str:
         lines.append(
             f"Run alone (a batch of one), sample{'s' if len(report.alone) != 1 else ''} "
             f"{_fmt_samples([a.sample for a in report.alone])} give a different output than in the "
-            f"batch too (max rel err {_fmt(worst)})."
+            f"batch too (max rel err {fmt_number(worst)})."
         )
     elif report.alone:
         lines.append("")
@@ -848,8 +848,8 @@ def render(report: BatchIndependenceReport) -> str:
                 continue
             f64 = {True: "; survives float64", False: "", None: "; float64 re-check could not run"}[a.survives_float64]
             lines.append(
-                f"  sample {a.sample}: {a.output} differs (max abs err {_fmt(a.max_abs_err)}, rel err "
-                f"{_fmt(a.rel_err)}, allowed {_fmt(a.allowed)}{f64})"
+                f"  sample {a.sample}: {a.output} differs (max abs err {fmt_number(a.max_abs_err)}, rel err "
+                f"{fmt_number(a.rel_err)}, allowed {fmt_number(a.allowed)}{f64})"
             )
         if len(report.alone) > _MAX_PAIR_LINES:
             lines.append(f"  ... {len(report.alone) - _MAX_PAIR_LINES} more samples")

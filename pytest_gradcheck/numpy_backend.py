@@ -67,9 +67,10 @@ import numpy as np
 from . import _tracking
 from . import broadcast as _bc
 from ._options import check_batch_sizes, check_tolerance, validate_options
+from .diagnosis import MAX_PER_SAMPLE_ENTRIES
 from .errors import BroadcastError, GradCheckError, GradEquivError, InvalidArgument
 from .report import GradEquivReport
-from .verdict import MAX_PER_SAMPLE_ENTRIES, run_check
+from .verdict import run_check
 
 __all__ = [
     "assert_gradequiv_numpy",

@@ -20,9 +20,10 @@ from ._options import validate_options
 from ._torch.inputs import TensorOrTuple, loss_call_arguments
 from ._torch.loss import loss_step_builder
 from ._torch.problem import TorchProblem
+from .compare import FlatGrads, Pair
 from .errors import InvalidArgument
 from .report import Finding, GradEquivReport
-from .verdict import FlatGrads, _Pair, run_check
+from .verdict import run_check
 
 __all__ = ["assert_per_sample_gradients"]
 
@@ -196,7 +197,7 @@ class _PerSampleProblem:
         self, g: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], rtol: float, atol: float, precision: str
     ) -> list[Finding]:
         """Per parameter: which samples differ, and whether by one factor or by the batch sum."""
-        pair = _Pair(g, ref)
+        pair = Pair(g, ref)
         scale = pair.problem_scale(1.0)
         failing = {p.name for p in pair.compare(1.0, rtol, atol, "sum", precision, scale).params if not p.passed}
         b = self.batch_size
@@ -210,7 +211,7 @@ class _PerSampleProblem:
             for i in bad:
                 rr = pair.r.sq[rows[i]]
                 k = pair.dot[rows[i]] / rr if rr > 0 else math.nan
-                sub = _Pair({rows[i]: pair.b.g[rows[i]]}, {rows[i]: pair.r.g[rows[i]]})
+                sub = Pair({rows[i]: pair.b.g[rows[i]]}, {rows[i]: pair.r.g[rows[i]]})
                 fits = math.isfinite(k) and k != 0 and sub.compare(k, rtol, atol, "sum", precision, scale).passed
                 factors.append(k if fits else math.nan)
             common = factors[0]
@@ -221,7 +222,7 @@ class _PerSampleProblem:
             mean = {rows[0]: total[rows[0]] / b}
             for label, agg in (("sum", total), ("mean", mean)):
                 if all(
-                    _Pair({rows[0]: g[rows[i]]}, agg).compare(1.0, rtol, atol, "sum", precision, scale).passed
+                    Pair({rows[0]: g[rows[i]]}, agg).compare(1.0, rtol, atol, "sum", precision, scale).passed
                     for i in bad
                 ):
                     findings.append(Finding("grad-sample", label=name, matched=label, counts=tuple(bad)))

@@ -36,8 +36,9 @@ from pytest_gradcheck import (
     assert_gradequiv_numpy,
     assert_gradequiv_step,
 )
+from pytest_gradcheck.compare import rounding_shrink_limit
 from pytest_gradcheck.report import Comparison, ParamComparison
-from pytest_gradcheck.verdict import rounding_shrink_limit, run_check
+from pytest_gradcheck.verdict import run_check
 
 
 def lm_batch(seed: int = 0, b: int = 4, t: int = 12) -> dict[str, torch.Tensor]:

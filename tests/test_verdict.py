@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pytest_gradcheck.verdict import FlatGrads, _Pair, compare_gradients
+from pytest_gradcheck.compare import FlatGrads, Pair, compare_gradients
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -51,7 +51,7 @@ def test_figures_match_a_plain_float64_computation(pair: tuple[dict, dict], k: f
     b, r = pair
     if flat:  # the layout the torch backend hands over: views into one buffer
         b, r = FlatGrads.of(b), FlatGrads.of(r)
-    comp = _Pair(b, r).compare(k, 1e-4, 1e-6, "mean", "float32")
+    comp = Pair(b, r).compare(k, 1e-4, 1e-6, "mean", "float32")
     problem = max(
         [float(np.abs(np.asarray(v, np.float64)).max()) for v in b.values() if np.size(v)]
         + [abs(k) * float(np.abs(np.asarray(v, np.float64)).max()) for v in r.values() if np.size(v)],

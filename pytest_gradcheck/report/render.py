@@ -1,192 +1,18 @@
-"""The report of a gradient-equivalence check: figures in dataclasses, words in one renderer.
+"""The words of a gradient-equivalence report: one renderer, the cause decided before the words.
 
-The verdict path (:mod:`pytest_gradcheck.verdict`) fills a :class:`GradEquivReport`;
-``str(report)`` renders it the way ``torch.testing.assert_close`` messages read:
-a one-line verdict, a small table per parameter, the cause, then what to do.
-Importing this module imports neither torch nor numpy.
+``render(report)`` reads like ``torch.testing.assert_close``: a one-line verdict, a
+small table per parameter, the cause, then what to do. Pure Python.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
-__all__ = ["ParamComparison", "Comparison", "Finding", "GradEquivReport", "render"]
+from . import Comparison, Finding, GradEquivReport
+from .format import close_to, columns, fmt_counts, fmt_factor, fmt_number, fmt_ratio, fmt_shape, fmt_weights
 
-
-@dataclass(frozen=True)
-class ParamComparison:
-    """Figures comparing one parameter's batch gradient with its reference.
-
-    ``rel_err`` is ``max_abs_err`` divided by the parameter's gradient scale
-    (the largest magnitude of either gradient); ``allowed`` is
-    ``atol + rtol * scale``, the largest ``max_abs_err`` that passes.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    max_abs_err: float
-    rel_err: float
-    allowed: float
-    cosine: float
-    ratio: float
-    mismatched: int
-    numel: int
-    #: the float64 re-check only: the error exceeds ``allowed`` but shrank from the
-    #: working dtype as rounding error does (see ``verdict.rounding_shrink_limit``)
-    rounding: bool = False
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_err <= self.allowed or self.rounding
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """The batch gradient against one reference, at one precision."""
-
-    reduction: str  # "mean", "sum", "weighted mean", "weighted sum"
-    precision: str  # dtype the gradients were computed in, e.g. "float32"
-    rtol: float
-    atol: float
-    params: tuple[ParamComparison, ...]
-    #: the largest gradient entry of the whole problem (every parameter, both sides)
-    scale: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return all(p.passed for p in self.params)
-
-    @property
-    def failing(self) -> tuple[ParamComparison, ...]:
-        return tuple(p for p in self.params if not p.passed)
-
-    @property
-    def max_rel_err(self) -> float:
-        return max((p.rel_err for p in self.params), default=0.0)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One diagnosed cause of a mismatch (figures only; words are the renderer's).
-
-    kinds:
-      ``factor``        the batch gradient is ``factor`` times the reference
-                        (``matched`` names the reduction that would have held);
-      ``known-weights`` it matches when samples are weighted by ``label``;
-      ``weights``       it is a positive weighted combination of per-sample
-                        gradients with the ``weights`` found (mean 1);
-      ``coupled``       it is a combination of per-sample gradients only with
-                        weights of both signs (``weights``): samples are coupled;
-      ``not-combination`` it is no combination of per-sample gradients at all;
-      ``broadcast``     an implicit broadcast was recorded in the loss (``records``);
-      ``sample-mixing`` a module that mixes samples was found (``label``);
-      ``parameter-scale`` only some parameters are off, each by a pure scale
-                        (``scales``: ``(name, factor)`` pairs); the others match;
-      ``unweighted``    declared weights do not match, but the plain (unweighted)
-                        ``matched`` reduction does.
-
-    ``counts``: the weights as small integers (``weights`` proportional to them),
-    when they are: a count per sample (tokens, valid targets).
-    """
-
-    kind: str
-    factor: Optional[float] = None
-    matched: Optional[str] = None
-    weights: Optional[tuple[float, ...]] = None
-    label: Optional[str] = None
-    records: tuple[Any, ...] = ()
-    scales: tuple[tuple[str, float], ...] = ()
-    counts: Optional[tuple[int, ...]] = None
-
-
-@dataclass
-class GradEquivReport:
-    """Everything a gradient-equivalence check measured. ``str(report)`` renders it.
-
-    >>> import torch, torch.nn.functional as F
-    >>> from pytest_gradcheck import assert_gradequiv
-    >>> report = assert_gradequiv(torch.nn.Linear(3, 1), F.mse_loss,
-    ...                           torch.randn(8, 3), torch.randn(8, 1))
-    >>> report.passed, report.matched
-    (True, 'mean')
-    """
-
-    passed: bool
-    check: str  # "per-sample" | "accumulation" | "ddp"
-    backend: str  # "torch" | "numpy"
-    batch_size: int
-    dtype: str
-    device: str
-    reduction: str  # as declared: "mean" | "sum" | "auto"
-    weighted: bool
-    matched: Optional[str]  # the accumulation that holds ("mean", "sum", "weighted mean"...)
-    working: Comparison  # in the working dtype
-    float64: Optional[Comparison] = None  # the float64 re-check, when it ran
-    rounding: bool = False  # mismatch in working dtype vanished in float64
-    float64_error: Optional[str] = None  # the re-check could not run: why
-    reference_method: str = "vmap"  # "vmap" | "loop" | "per-sample calls" | "micro-batches"
-    fallback_reason: Optional[str] = None
-    dropout_disabled: tuple[str, ...] = ()
-    broadcasts: tuple[Any, ...] = ()  # BroadcastRecord objects seen in the loss
-    findings: tuple[Finding, ...] = ()
-    notes: list[str] = field(default_factory=list)
-    weights: Optional[tuple[float, ...]] = None  # declared per-sample/micro-batch weights
-    would_match: Optional[str] = None  # on failure: the accumulation that would have matched
-    broadcast_scope: str = "the loss"  # the code the broadcast guard watched
-    #: every gradient was zero, or rounding noise (it vanished in float64): the check saw nothing
-    vacuous: bool = False
-    #: with ``per_sample=True``: ``{name: (B, *shape)}`` tensors, each sample's gradient run alone
-    per_sample_gradients: Optional[dict[str, Any]] = field(default=None, repr=False)
-
-    @property
-    def parameters(self) -> tuple[ParamComparison, ...]:
-        """The per-parameter figures of the comparison the verdict rests on."""
-        return self.final.params
-
-    @property
-    def final(self) -> Comparison:
-        """The comparison the verdict rests on (float64 when the re-check ran)."""
-        return self.float64 if self.float64 is not None else self.working
-
-    def summary(self) -> str:
-        """The one-line verdict."""
-        return _headline(self)
-
-    def __str__(self) -> str:
-        return render(self)
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def _fmt(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if math.isinf(x):
-        return "inf"
-    if x == 0:
-        return "0"
-    return f"{x:.2e}"
-
-
-def _fmt_ratio(x: float) -> str:
-    if math.isnan(x):
-        return "—"
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.4g}"
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _fmt_factor(f: float) -> str:
-    if abs(f - round(f)) < 1e-6 * max(1.0, abs(f)):
-        return str(int(round(f)))
-    return f"{f:.4g}"
+__all__ = ["render", "headline"]
 
 
 def _what(report: GradEquivReport) -> str:
@@ -220,7 +46,7 @@ def _declared(report: GradEquivReport) -> str:
     return word
 
 
-def _headline(report: GradEquivReport) -> str:
+def headline(report: GradEquivReport) -> str:
     what = _what(report)
     if report.check == "grad-sample":
         if report.passed:
@@ -288,17 +114,16 @@ def _table(cmp: Comparison, only_failing_first: bool = True, limit: int = 12) ->
         rows.append(
             (
                 p.name,
-                _fmt_shape(p.shape),
-                _fmt(p.max_abs_err),
-                _fmt(p.rel_err),
-                _fmt(p.allowed),
+                fmt_shape(p.shape),
+                fmt_number(p.max_abs_err),
+                fmt_number(p.rel_err),
+                fmt_number(p.allowed),
                 "—" if math.isnan(p.cosine) else f"{p.cosine:.4f}",
-                _fmt_ratio(p.ratio),
+                fmt_ratio(p.ratio),
                 "rounding" if p.rounding else ("ok" if p.passed else "MISMATCH"),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = columns(rows)
     if len(params) > limit:
         hidden = params[limit:]
         n_bad = sum(not p.passed for p in hidden)
@@ -314,7 +139,7 @@ def _explain_factor(f: Finding, report: GradEquivReport) -> list[str]:
     if f.matched == "sum" and report.reduction in ("mean", "auto"):
         return [
             f"the batch gradient is the SUM of {what}, not their mean: "
-            f"{_fmt_factor(factor)} times too large ({sym}={b} times the mean)."
+            f"{fmt_factor(factor)} times too large ({sym}={b} times the mean)."
         ]
     if f.matched == "mean" and report.reduction == "sum":
         return [
@@ -330,40 +155,24 @@ def _explain_factor(f: Finding, report: GradEquivReport) -> list[str]:
     elif b and abs(rel_b - b) < 1e-3 * b:
         extra = f" ({sym}² = {b}²: summed where a mean was meant, and once more)"
     return [
-        f"the batch gradient is {_fmt_factor(factor)} times {_declared(report)} of {what}{extra}; "
+        f"the batch gradient is {fmt_factor(factor)} times {_declared(report)} of {what}{extra}; "
         f"the directions agree, only the scale is off."
     ]
-
-
-def _fmt_weights(weights: Sequence[float], limit: int = 8) -> str:
-    shown = ", ".join(f"{w:.3g}" for w in weights[:limit])
-    if len(weights) > limit:
-        shown += f", ... ({len(weights)} in all)"
-    return "[" + shown + "]"
-
-
-def _fmt_counts(counts: Sequence[int], limit: int = 12) -> str:
-    shown = ", ".join(str(c) for c in counts[:limit])
-    return shown + (f", ... ({len(counts)} in all)" if len(counts) > limit else "")
 
 
 def _name_factor(factor: float, report: GradEquivReport) -> str:
     """A factor in words: 'B times the reference (B=8)', '1/B of the reference (B=8)', ..."""
     b = report.batch_size
     _, sym = _units(report)
-    if b > 1 and _close_to(factor, b):
+    if b > 1 and close_to(factor, b):
         return f"{sym} times the reference ({sym}={b})"
-    if b > 1 and _close_to(factor, 1.0 / b):
+    if b > 1 and close_to(factor, 1.0 / b):
         return f"1/{sym} of the reference ({sym}={b})"
-    if _close_to(factor, -1.0):
+    if close_to(factor, -1.0):
         return "the reference with the opposite sign"
-    if abs(factor) < 1 and _close_to(1.0 / factor, round(1.0 / factor)):
-        return f"1/{_fmt_factor(round(1.0 / factor))} of the reference"
-    return f"{_fmt_factor(factor)} times the reference"
-
-
-def _close_to(x: float, target: float, rel: float = 1e-3) -> bool:
-    return abs(x - target) <= rel * max(abs(target), 1e-12)
+    if abs(factor) < 1 and close_to(1.0 / factor, round(1.0 / factor)):
+        return f"1/{fmt_factor(round(1.0 / factor))} of the reference"
+    return f"{fmt_factor(factor)} times the reference"
 
 
 def _explain_parameter_scales(f: Finding, report: GradEquivReport, n_params: int) -> str:
@@ -432,7 +241,7 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
         elif f.kind == "factor":
             lines.extend(_explain_factor(f, report))
         elif f.kind == "known-weights":
-            shown = _fmt_counts(f.counts) if f.counts else (_fmt_weights(f.weights) if f.weights else "")
+            shown = fmt_counts(f.counts) if f.counts else (fmt_weights(f.weights) if f.weights else "")
             lines.append(
                 f"the batch gradient matches when {_units(report)[0]} are weighted by {f.label}"
                 + (f": {shown}" if shown else "")
@@ -442,20 +251,20 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
             if f.counts:
                 lines.append(
                     f"the batch gradient weights the {_units(report)[0]} in proportion to "
-                    f"{_fmt_counts(f.counts)}: a count per {_unit(report)} (tokens, valid "
+                    f"{fmt_counts(f.counts)}: a count per {_unit(report)} (tokens, valid "
                     "targets, pixels)? Relative to a plain mean = 1 the weights are "
-                    f"{_fmt_weights(f.weights or ())}."
+                    f"{fmt_weights(f.weights or ())}."
                 )
             else:
                 lines.append(
                     f"the batch gradient is a weighted combination of {_what(report)}, with "
-                    f"unequal weights (relative to a plain mean = 1): {_fmt_weights(f.weights or ())}."
+                    f"unequal weights (relative to a plain mean = 1): {fmt_weights(f.weights or ())}."
                 )
         elif f.kind == "unweighted":
             lines.append(
                 f"the batch gradient is the plain (unweighted) {f.matched} of {_what(report)}: the "
                 "loss does not apply the declared weights"
-                + (f" {_fmt_weights(report.weights)}" if report.weights else "")
+                + (f" {fmt_weights(report.weights)}" if report.weights else "")
                 + "."
             )
         elif f.kind == "parameter-scale":
@@ -466,7 +275,7 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
             lines.append(
                 "the loss couples samples: no fixed weighting of per-sample losses gives the batch "
                 "loss (the per-sample gradients recombine into the batch gradient only with weights "
-                f"{_fmt_weights(f.weights or ())}, relative to a plain mean = 1, that do not reproduce "
+                f"{fmt_weights(f.weights or ())}, relative to a plain mean = 1, that do not reproduce "
                 "the batch loss), e.g. each prediction is compared with other samples' targets."
             )
         elif f.kind == "not-combination":
@@ -566,7 +375,7 @@ def _compared_with(report: GradEquivReport) -> str:
 
 def render(report: GradEquivReport) -> str:
     """Render ``report`` as text (the ``GradEquivError`` message, ``str(report)``)."""
-    lines = [_headline(report), "", _context_line(report)]
+    lines = [headline(report), "", _context_line(report)]
     w = report.working
     lines.append(
         f"Compared with {_compared_with(report)} "
@@ -588,7 +397,7 @@ def render(report: GradEquivReport) -> str:
             )
         elif f64.passed:
             lines.append(
-                f"float64 re-check: the differences vanish (max rel err {_fmt(f64.max_rel_err)}, "
+                f"float64 re-check: the differences vanish (max rel err {fmt_number(f64.max_rel_err)}, "
                 f"rtol={f64.rtol:g}): they were {report.dtype} rounding, not a bug."
             )
         else:
