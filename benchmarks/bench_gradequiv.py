@@ -713,12 +713,17 @@ def measure_ddp(world_sizes: Sequence[int] = (2, 4), batch_size: int = 64, repea
     out["single_s"] = median_s(lambda: assert_gradequiv(make_model(), F.mse_loss, x, y), 5)
     for ws in world_sizes:
         try:
-            first = median_s(lambda: assert_ddp_equiv(make_model, F.mse_loss, x, y, world_size=ws), 1)
-            later = median_s(lambda: assert_ddp_equiv(make_model, F.mse_loss, x, y, world_size=ws), repeats)
+            first = median_s(lambda ws=ws: assert_ddp_equiv(make_model, F.mse_loss, x, y, world_size=ws), 1)
+            later = median_s(lambda ws=ws: assert_ddp_equiv(make_model, F.mse_loss, x, y, world_size=ws), repeats)
         except Exception as exc:
             out[f"world_size_{ws}"] = {"status": f"failed ({_short(exc)})"}
             continue
-        out[f"world_size_{ws}"] = {"status": "ok", "first_s": first, "median_s": later, "ratio": later / out["single_s"]}
+        out[f"world_size_{ws}"] = {
+            "status": "ok",
+            "first_s": first,
+            "median_s": later,
+            "ratio": later / out["single_s"],
+        }
     return out
 
 
@@ -876,7 +881,9 @@ def evaluate_targets(
 
     for b in (256, 1024):
         x, fl = ratio("mlp", b), ratio("mlp", b, "floor")
-        detail = "n/a" if x is None else f"{x:.2f}x" + ("" if fl is None else f" (floor: the two passes alone {fl:.2f}x)")
+        detail = (
+            "n/a" if x is None else f"{x:.2f}x" + ("" if fl is None else f" (floor: the two passes alone {fl:.2f}x)")
+        )
         add(f"check <= 2.5x unit, MLP B={b}", None if x is None else x <= 2.5, detail)
     mlp = sorted((r["batch_size"], r["methods"].get("check", {}).get("ratio")) for r in results if r["model"] == "mlp")
     mlp = [(b, x) for b, x in mlp if x is not None]

@@ -56,9 +56,7 @@ regression_batches = gst.batches(input_shape=("features",), target_shape=())
 # After a failure, Hypothesis's explain phase re-runs the failing check ~100
 # times; for gradient checks that is most of the run time, so skip it (the
 # "gradequiv-ci" profile of gst.register_profiles() does the same).
-fuzz_settings = settings(
-    max_examples=20, deadline=None, phases=[p for p in Phase if p is not Phase.explain]
-)
+fuzz_settings = settings(max_examples=20, deadline=None, phases=[p for p in Phase if p is not Phase.explain])
 
 
 def test_batch_size_one_hides_the_bug() -> None:
@@ -103,6 +101,4 @@ def test_buggy_loss_with_fuzz_gradequiv() -> None:
 def test_fixed_loss_with_fuzz_gradequiv(gradequiv) -> None:
     # check=gradequiv: each example is checked by the fixture, so the tolerances
     # and broadcast mode from the marker, ini file and command line apply.
-    fuzz_gradequiv(
-        Regressor, fixed_mse, input_shape=("features",), target_shape=(), max_examples=15, check=gradequiv
-    )
+    fuzz_gradequiv(Regressor, fixed_mse, input_shape=("features",), target_shape=(), max_examples=15, check=gradequiv)

@@ -42,9 +42,7 @@ def check_tolerance(value: Any, name: str, source: str = "argument") -> float | 
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise InvalidArgument(
-            f"Invalid {name}={value!r} from {source}: expected a number >= 0"
-        ) from None
+        raise InvalidArgument(f"Invalid {name}={value!r} from {source}: expected a number >= 0") from None
     if not math.isfinite(number) or number < 0:
         raise InvalidArgument(f"Invalid {name}={value!r} from {source}: expected a finite number >= 0")
     return number
@@ -108,8 +106,7 @@ def validate_options(options: Mapping[str, Any], source: str = "argument") -> di
     if unknown:
         known = ", ".join(MARKER_OPTIONS)
         raise InvalidArgument(
-            f"Unknown gradequiv option(s) {', '.join(map(repr, unknown))} from {source}; "
-            f"known options: {known}"
+            f"Unknown gradequiv option(s) {', '.join(map(repr, unknown))} from {source}; known options: {known}"
         )
     out: dict[str, Any] = {}
     for key, value in options.items():

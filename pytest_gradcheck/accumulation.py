@@ -191,9 +191,7 @@ def assert_accumulation_equiv_step(
     True
     """
     __tracebackhide__ = True
-    opts = validate_options(
-        {"reduction": reduction, "rtol": rtol, "atol": atol, "float64_recheck": float64_recheck}
-    )
+    opts = validate_options({"reduction": reduction, "rtol": rtol, "atol": atol, "float64_recheck": float64_recheck})
     opts["broadcast"] = "off"
     check_model(model)
     if not callable(step_fn):
@@ -210,9 +208,7 @@ def assert_accumulation_equiv_step(
 
     def micro(k: int) -> Any:
         start, stop = bounds[k]
-        return pytree.tree_unflatten(
-            [x[start:stop] if isinstance(x, torch.Tensor) else x for x in leaves], spec
-        )
+        return pytree.tree_unflatten([x[start:stop] if isinstance(x, torch.Tensor) else x for x in leaves], spec)
 
     def candidates() -> list[tuple[str, np.ndarray]]:
         out = _count_candidates(sizes)
@@ -270,9 +266,7 @@ def split_sizes(micro_batches: MicroBatches, batch_size: int) -> list[int]:
             raise InvalidArgument("micro_batches=[]: give at least one micro-batch size")
         for s in sizes:
             if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
-                raise InvalidArgument(
-                    f"micro_batches={sizes!r}: every micro-batch size must be an int >= 1, got {s!r}"
-                )
+                raise InvalidArgument(f"micro_batches={sizes!r}: every micro-batch size must be an int >= 1, got {s!r}")
         if sum(sizes) != b:
             raise InvalidArgument(
                 f"micro_batches={sizes!r} adds up to {sum(sizes)} samples but the batch has {b}: the "
@@ -280,8 +274,7 @@ def split_sizes(micro_batches: MicroBatches, batch_size: int) -> list[int]:
             )
         return [int(s) for s in sizes]
     raise InvalidArgument(
-        f"micro_batches={micro_batches!r}: expected an int (the number of micro-batches) or a list of "
-        "micro-batch sizes"
+        f"micro_batches={micro_batches!r}: expected an int (the number of micro-batches) or a list of micro-batch sizes"
     )
 
 
@@ -441,7 +434,7 @@ def _accumulation_advice(report: GradEquivReport) -> Optional[str]:
         if f.kind == "factor" and f.matched and f.matched.endswith("sum"):
             return (
                 f"Accumulation: with k={report.batch_size} micro-batches the full-batch gradient is "
-                "their sum: do not divide the micro-batch losses by k (or declare reduction=\"sum\")."
+                'their sum: do not divide the micro-batch losses by k (or declare reduction="sum").'
             )
     return None
 

@@ -110,8 +110,11 @@ def diagnose(
             if matches(references(s_v, v, [h])[h], h):
                 rel = v / v.mean() if h == "mean" else v
                 known = Finding(
-                    "known-weights", label=label, matched=f"{h} weighted by {label}",
-                    weights=tuple(float(x) for x in rel), counts=_small_integers(v),
+                    "known-weights",
+                    label=label,
+                    matched=f"{h} weighted by {label}",
+                    weights=tuple(float(x) for x in rel),
+                    counts=_small_integers(v),
                 )
                 return [known, *broadcast]
 
@@ -163,9 +166,7 @@ def diagnose(
     fitted = G.T @ w
     offsets = np.cumsum([0] + [int(np.size(declared[n])) for n in names])
     fitted_g = {n: fitted[offsets[i] : offsets[i + 1]].reshape(np.shape(declared[n])) for i, n in enumerate(names)}
-    in_span = compare_gradients(
-        g, fitted_g, rtol=rtol * 10, atol=atol, reduction=hyp, precision=precision
-    ).passed
+    in_span = compare_gradients(g, fitted_g, rtol=rtol * 10, atol=atol, reduction=hyp, precision=precision).passed
     if not in_span:
         findings.append(Finding("not-combination"))
         return findings

@@ -101,6 +101,7 @@ class DDPWorkerError(GradCheckError, RuntimeError):
         self.remote_traceback = remote_traceback
         super().__init__(message)
 
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__

@@ -156,9 +156,7 @@ def fuzz_gradequiv(
                 **check_options,
             )
         except GradEquivError as err:
-            raise GradEquivError(err.report, f"{_describe(batch)}\n\n{err}").with_traceback(
-                err.__traceback__
-            ) from None
+            raise GradEquivError(err.report, f"{_describe(batch)}\n\n{err}").with_traceback(err.__traceback__) from None
         except BroadcastError as err:
             raise BroadcastError(f"{_describe(batch)}\n\n{err}", err.records).with_traceback(
                 err.__traceback__
@@ -199,9 +197,7 @@ def _describe(batch: Batch) -> str:
     return "smallest failing example: " + ", ".join(parts)
 
 
-def _model_builder(
-    make_model: Callable[..., Any], names: list[str]
-) -> Callable[[dict[str, int]], Any]:
+def _model_builder(make_model: Callable[..., Any], names: list[str]) -> Callable[[dict[str, int]], Any]:
     """Check ``make_model`` against the named dims now; return ``dims -> model``."""
     if _is_module(make_model):
         if names:
@@ -221,16 +217,12 @@ def _model_builder(
             accepted = set(names)
         else:
             accepted = {
-                p.name
-                for p in params
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name in names
+                p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name in names
             }
         missing = [
             p.name
             for p in params
-            if p.default is p.empty
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-            and p.name not in accepted
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in accepted
         ]
         if missing:
             raise InvalidArgument(
@@ -255,5 +247,3 @@ def _model_builder(
 def _is_module(obj: object) -> bool:
     torch = sys.modules.get("torch")  # no torch imported: cannot be a torch module
     return torch is not None and isinstance(obj, torch.nn.Module)
-
-

@@ -358,9 +358,7 @@ class _Checker:
         except (InvalidArgument, GradEquivError):
             raise
         except Exception as exc:
-            raise InvalidArgument(
-                f"the model raised {type(exc).__name__} on {where}: {first_line(exc)}"
-            ) from exc
+            raise InvalidArgument(f"the model raised {type(exc).__name__} on {where}: {first_line(exc)}") from exc
 
     def _leaves(self, out: Any, b: int, *, first: bool = False) -> list[torch.Tensor]:
         """The output tensors that carry the batch on dim 0, in a fixed order."""
@@ -385,9 +383,7 @@ class _Checker:
                     "batch first"
                 )
             if skipped:
-                self.notes.append(
-                    "output tensors without the batch on dim 0 were not compared: " + ", ".join(skipped)
-                )
+                self.notes.append("output tensors without the batch on dim 0 were not compared: " + ", ".join(skipped))
             self.out_names = names
         return picked
 
@@ -409,8 +405,9 @@ class _Checker:
     def _compare(self, a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, float]:
         """``(max abs err, rel err, allowed)``, normwise over one sample's output."""
         if a.is_floating_point() or a.is_complex():
-            a64, b64 = a.detach().to(torch.complex128 if a.is_complex() else torch.float64), b.detach().to(
-                torch.complex128 if b.is_complex() else torch.float64
+            a64, b64 = (
+                a.detach().to(torch.complex128 if a.is_complex() else torch.float64),
+                b.detach().to(torch.complex128 if b.is_complex() else torch.float64),
             )
         else:
             a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
@@ -501,9 +498,7 @@ class _Checker:
 
     def _check_deterministic(self, base: Sequence[torch.Tensor]) -> None:
         again = self._leaves(self._forward(self._fresh(), where="the batch, run a second time"), self.b)
-        changed = len(again) != len(base) or any(
-            self._differs(base, again, i)[0] for i in range(self.b)
-        )
+        changed = len(again) != len(base) or any(self._differs(base, again, i)[0] for i in range(self.b))
         if changed:
             raise UnsupportedModelError(
                 "the model gives a different output when run twice on the same batch: it draws "
@@ -534,7 +529,9 @@ class _Checker:
             for o in outs:
                 c = torch.zeros_like(o)
                 noise = torch.randn(o[i].shape, generator=self.gen, dtype=torch.float64)
-                c[i] = noise.to(device=o.device, dtype=o.dtype) if not o.is_complex() else noise.to(o.device).to(o.dtype)
+                c[i] = (
+                    noise.to(device=o.device, dtype=o.dtype) if not o.is_complex() else noise.to(o.device).to(o.dtype)
+                )
                 cots.append(c)
             grads = torch.autograd.grad(outs, targets, grad_outputs=cots, retain_graph=True, allow_unused=True)
             for k, g in zip(float_idx, grads):
@@ -649,7 +646,9 @@ class _Checker:
                         d64, _, allowed64 = self._compare(base64[n][i], alone64[n][0], r64, a64)  # type: ignore[index]
                         survives = not d64 <= allowed64
                     except Exception as exc:  # best effort: say why
-                        self.notes.append(f"the float64 re-check of the batch-of-one runs could not run: {first_line(exc)}")
+                        self.notes.append(
+                            f"the float64 re-check of the batch-of-one runs could not run: {first_line(exc)}"
+                        )
                         survives = None
                 else:
                     survives = True
@@ -749,8 +748,6 @@ _ADVICE_TEXT = {
 }
 
 
-
-
 def _fmt_samples(samples: Sequence[int], limit: int = 12) -> str:
     shown = ", ".join(str(s) for s in samples[:limit])
     return shown + (f", ... ({len(samples)} in all)" if len(samples) > limit else "")
@@ -760,9 +757,7 @@ def _headline(report: BatchIndependenceReport) -> str:
     n, b = len(report.checked), report.batch_size
     scope = f"{n} of {b} samples checked" + (f", drawn with seed={report.seed}" if report.subset else "")
     if report.passed:
-        line = (
-            f"Samples are independent: no output depends on another sample's input ({scope})"
-        )
+        line = f"Samples are independent: no output depends on another sample's input ({scope})"
         if report.rounding:
             line += f"; the {report.dtype} differences of a batch of one are rounding (they vanish in float64)"
         return line + "."

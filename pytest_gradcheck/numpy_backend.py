@@ -264,8 +264,16 @@ def assert_grad_numpy(
     ys = _Arrays.from_user(targets, "targets") if targets is not None else None
     with _left_as_found(p, xs, ys, "grad_fn or loss_fn"):
         report = _finite_differences(
-            loss_fn, grad_fn, p, xs, ys, float(eps_v), float(rtol_v or 0.0), float(atol_v or 0.0),
-            int(max_coords), int(seed),
+            loss_fn,
+            grad_fn,
+            p,
+            xs,
+            ys,
+            float(eps_v),
+            float(rtol_v or 0.0),
+            float(atol_v or 0.0),
+            int(max_coords),
+            int(seed),
         )
     _tracking.record(report)
     if not report.passed:
@@ -349,9 +357,7 @@ class _Params:
                     parts.append("no gradient for " + ", ".join(_label_key(k) for k in missing))
                 if extra:
                     parts.append("gradients for keys params does not have: " + ", ".join(map(repr, extra)))
-                raise InvalidArgument(
-                    f"grad_fn returned keys that do not match params ({where}): {'; '.join(parts)}"
-                )
+                raise InvalidArgument(f"grad_fn returned keys that do not match params ({where}): {'; '.join(parts)}")
             values = [grads[k] for k in self.keys]
         elif self.kind == "seq":
             if not isinstance(grads, (list, tuple)):
@@ -511,9 +517,7 @@ def _left_as_found(p: _Params, xs: _Arrays, ys: Optional[_Arrays], who: str) -> 
     Arrays that changed are named in an :class:`InvalidArgument`.
     """
     __tracebackhide__ = True
-    watched: list[tuple[str, np.ndarray, np.ndarray]] = [
-        (label, a, a.copy()) for label, a in zip(p.labels, p.arrays)
-    ]
+    watched: list[tuple[str, np.ndarray, np.ndarray]] = [(label, a, a.copy()) for label, a in zip(p.labels, p.arrays)]
     for group in (xs, ys):
         if group is not None:
             watched += [(group.label(i), a, a.copy()) for i, a in enumerate(group.arrays)]
@@ -605,8 +609,10 @@ class _NumpyProblem:
 
     def _call(self, float64: bool, index: Optional[int]) -> dict[str, np.ndarray]:
         __tracebackhide__ = True
-        where = ("the float64 batch call" if float64 else "the batch call") if index is None else (
-            f"the call on sample {index} alone" + (" in float64" if float64 else "")
+        where = (
+            ("the float64 batch call" if float64 else "the batch call")
+            if index is None
+            else (f"the call on sample {index} alone" + (" in float64" if float64 else ""))
         )
         track = index is None and not float64 and self.watch_broadcast
         p_arrays, p, x, y = self._arguments(float64, index, track)
@@ -618,8 +624,15 @@ class _NumpyProblem:
                 self.random_draws = True
 
     def _call_checked(
-        self, float64: bool, index: Optional[int], track: bool, where: str,
-        p_arrays: list[np.ndarray], p: Any, x: Any, y: Any,
+        self,
+        float64: bool,
+        index: Optional[int],
+        track: bool,
+        where: str,
+        p_arrays: list[np.ndarray],
+        p: Any,
+        x: Any,
+        y: Any,
     ) -> dict[str, np.ndarray]:
         __tracebackhide__ = True
         if not track:
@@ -796,10 +809,7 @@ def _numpy_records(records: Sequence[Any]) -> list[Any]:
 
 
 def _broken_by_broadcast(records: Sequence[Any], what: str) -> str:
-    lines = [
-        "grad_fn broadcast samples against each other in the batch call, and it broke the gradient: "
-        f"{what}"
-    ]
+    lines = [f"grad_fn broadcast samples against each other in the batch call, and it broke the gradient: {what}"]
     lines += ["  " + r.message() for r in records[:3]]
     lines.append(
         "Each sample was paired with every other sample (harmless with a batch of one, which is why "
@@ -1480,8 +1490,10 @@ def _fd_causes(report: FiniteDifferenceReport) -> tuple[list[str], list[str]]:
     causes: list[str] = []
     advice: list[str] = []
     factors = [p.ratio for p in bad]
-    scaled = bool(bad) and all(p.scale_fits for p in bad) and all(
-        abs(f - factors[0]) <= 1e-3 * abs(factors[0]) for f in factors
+    scaled = (
+        bool(bad)
+        and all(p.scale_fits for p in bad)
+        and all(abs(f - factors[0]) <= 1e-3 * abs(factors[0]) for f in factors)
     )
     if scaled:
         f = factors[0]
@@ -1502,8 +1514,7 @@ def _fd_causes(report: FiniteDifferenceReport) -> tuple[list[str], list[str]]:
             "the directions agree, only the scale is off."
         )
         advice.append(
-            "make grad_fn and loss_fn agree on the scale of the loss (mean or sum over the batch, "
-            "constant factors)."
+            "make grad_fn and loss_fn agree on the scale of the loss (mean or sum over the batch, constant factors)."
         )
     elif bad and all(p.loss_flat for p in bad):
         names = ", ".join(p.name for p in bad)
@@ -1667,8 +1678,10 @@ def _finite_differences(
         max_abs = float(diff.max())
         nn = float(np.dot(num, num))
         ratio = float(np.dot(a_c, num) / nn) if nn > 0 else float("nan")
-        fits = math.isfinite(ratio) and ratio != 0 and float(np.abs(a_c - ratio * num).max()) <= (
-            atol + rtol * scale + noise * max(1.0, abs(ratio))
+        fits = (
+            math.isfinite(ratio)
+            and ratio != 0
+            and float(np.abs(a_c - ratio * num).max()) <= (atol + rtol * scale + noise * max(1.0, abs(ratio)))
         )
         order = np.argsort(-diff, kind="stable")[:3]
         worst = tuple(

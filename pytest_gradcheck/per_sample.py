@@ -144,7 +144,9 @@ def _rows(grads: Mapping[str, Any], names: Sequence[str], b: int, float64: bool)
     arrays, row_names, shapes = [], [], []
     for n in names:
         g = grads[n]
-        t = g.detach().to("cpu", dtype if dtype is not None else (g.dtype if g.dtype == torch.float64 else torch.float32))
+        t = g.detach().to(
+            "cpu", dtype if dtype is not None else (g.dtype if g.dtype == torch.float64 else torch.float32)
+        )
         arrays.append(t.reshape(-1).numpy())
         row_names.extend(f"{n}[{i}]" for i in range(b))
         shapes.extend([tuple(g.shape[1:])] * b)

@@ -285,9 +285,7 @@ class GradEquivFixture:
         opts.pop("per_sample", None)
         return assert_gradequiv_numpy(grad_fn, params, inputs, targets, **opts)
 
-    def accumulation(
-        self, model: Any, loss_fn: Any, inputs: Any, targets: Any = None, **options: Any
-    ) -> Any:
+    def accumulation(self, model: Any, loss_fn: Any, inputs: Any, targets: Any = None, **options: Any) -> Any:
         """Run :func:`pytest_gradcheck.assert_accumulation_equiv` with this test's defaults."""
         __tracebackhide__ = True
         from .accumulation import assert_accumulation_equiv
@@ -313,7 +311,9 @@ class GradEquivFixture:
         __tracebackhide__ = True
         from .independence import assert_batch_independent
 
-        opts = {k: v for k, v in self.options(**options).items() if k in ("rtol", "atol", "samples", "max_samples", "seed")}
+        opts = {
+            k: v for k, v in self.options(**options).items() if k in ("rtol", "atol", "samples", "max_samples", "seed")
+        }
         return assert_batch_independent(model, inputs, **opts)
 
     def __repr__(self) -> str:

@@ -112,14 +112,10 @@ def _dtype_name(dtype: object, name: str) -> str:
     elif type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":
         text = str(dtype).removeprefix("torch.")
     else:
-        raise InvalidArgument(
-            f"{name}={dtype!r} must be a torch.dtype or its name, such as 'float32'"
-        )
+        raise InvalidArgument(f"{name}={dtype!r} must be a torch.dtype or its name, such as 'float32'")
     text = _DTYPE_ALIASES.get(text, text)
     if text not in _DTYPES:
-        raise InvalidArgument(
-            f"{name}={dtype!r} is not supported; use one of {', '.join(sorted(_DTYPES))}"
-        )
+        raise InvalidArgument(f"{name}={dtype!r} is not supported; use one of {', '.join(sorted(_DTYPES))}")
     return text
 
 
@@ -144,9 +140,7 @@ def _check_batch_size(batch_size: object, name: str = "batch_size") -> st.Search
         if batch_size < 1:
             raise InvalidArgument(f"{name}={batch_size!r} must be at least 1")
         return st.just(batch_size)
-    raise InvalidArgument(
-        f"{name}={batch_size!r} must be an int, a (min, max) tuple or a strategy of ints"
-    )
+    raise InvalidArgument(f"{name}={batch_size!r} must be an int, a (min, max) tuple or a strategy of ints")
 
 
 # --------------------------------------------------------------------------- #
@@ -239,9 +233,7 @@ def target_shapes(output_shape: Sequence[int]) -> st.SearchStrategy[tuple[int, .
     """
     shape = _check_shape(output_shape, "output_shape")
     if not shape:
-        raise InvalidArgument(
-            f"output_shape={output_shape!r} must have a batch dimension first, e.g. (4, 1)"
-        )
+        raise InvalidArgument(f"output_shape={output_shape!r} must have a batch dimension first, e.g. (4, 1)")
     batch, rest = shape[0], shape[1:]
     candidates = [
         (batch, *rest),
@@ -305,9 +297,7 @@ def tensors(
     name = _dtype_name(dtype, "dtype")
     low, high = _check_bounds(name, min_value, max_value)
     if requires_grad and _DTYPES[name][0] != "float":
-        raise InvalidArgument(
-            f"requires_grad=True needs a floating dtype, not dtype={dtype!r}"
-        )
+        raise InvalidArgument(f"requires_grad=True needs a floating dtype, not dtype={dtype!r}")
     _check_device(device)
     return _tensors(shape_strategy, name, low, high, device, bool(requires_grad))
 
@@ -317,9 +307,7 @@ def _check_device(device: object) -> None:
         raise InvalidArgument(f"device={device!r} must be a string such as 'cpu' or a torch.device")
 
 
-def _check_bounds(
-    dtype: str, min_value: float | None, max_value: float | None
-) -> tuple[float | None, float | None]:
+def _check_bounds(dtype: str, min_value: float | None, max_value: float | None) -> tuple[float | None, float | None]:
     kind, (lo_limit, hi_limit) = _DTYPES[dtype]
     if kind == "bool":
         if min_value is not None or max_value is not None:
@@ -328,10 +316,7 @@ def _check_bounds(
     if kind == "int":
         low = 0 if min_value is None else _check_int(min_value, "min_value")
         if max_value is None:
-            raise InvalidArgument(
-                f"dtype={dtype!r} needs max_value= (the largest value to draw, "
-                "e.g. num_classes - 1)"
-            )
+            raise InvalidArgument(f"dtype={dtype!r} needs max_value= (the largest value to draw, e.g. num_classes - 1)")
         high = _check_int(max_value, "max_value")
         _check_order("min_value", low, "max_value", high)
         if low < lo_limit or high > hi_limit:
@@ -450,8 +435,8 @@ def _check_spec(spec: object, name: str) -> list[tuple[Dim, ...]]:
                 "None (anonymous free dims), or a tuple of such tuples"
             )
         for dim in one:
-            ok = dim is None or isinstance(dim, str) or (
-                isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0
+            ok = (
+                dim is None or isinstance(dim, str) or (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0)
             )
             if not ok or dim == "":
                 raise InvalidArgument(
@@ -564,8 +549,7 @@ def batches(
         )
     if target_specs is not None and num_classes is None and _DTYPES[out_dtype][0] == "int":
         raise InvalidArgument(
-            f"target_dtype={target_dtype!r} is an integer dtype: give num_classes= "
-            "for the range of the class indices"
+            f"target_dtype={target_dtype!r} is an integer dtype: give num_classes= for the range of the class indices"
         )
     for name, value in (("min_side", min_side), ("max_side", max_side)):
         _check_int(value, name)
@@ -579,8 +563,7 @@ def batches(
     for name, value in given_dims.items():
         if name not in names:
             raise InvalidArgument(
-                f"dims={dims!r} names {name!r}, which no shape and no num_classes uses "
-                f"(named free dims: {names})"
+                f"dims={dims!r} names {name!r}, which no shape and no num_classes uses (named free dims: {names})"
             )
         if not isinstance(value, st.SearchStrategy):
             _check_int(value, f"dims[{name!r}]")

@@ -41,9 +41,6 @@ __all__ = [
 ]
 
 
-
-
-
 class GradientProblem(Protocol):
     """What a backend provides to :func:`run_check`.
 
@@ -72,24 +69,6 @@ class GradientProblem(Protocol):
         ...
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _raise_non_finite(side: "Side", what: str) -> None:
     for name in side.g:
         if not side.finite(name):
@@ -114,20 +93,6 @@ def _raise_reference_non_finite(side: "Side") -> None:
                 "one (the std of one sample is NaN), so per-sample gradients do not exist. Compute the "
                 "statistic per sample, or pass it in as a constant, to check the rest."
             )
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def run_check(

@@ -155,12 +155,24 @@ class CachingNet(nn.Module):
 
 
 SOURCE = "\n\n".join(
-    ["from __future__ import annotations", "import math", "import torch", "import torch.nn.functional as F", "from torch import nn"]
+    [
+        "from __future__ import annotations",
+        "import math",
+        "import torch",
+        "import torch.nn.functional as F",
+        "from torch import nn",
+    ]
     + [
         inspect.getsource(obj)
         for obj in (
-            QKVAttention, ConvGroupNorm, CausalBlock, TinyCausalLM, ScaledWeightGrad, CustomOpNet,
-            RunningCentering, CachingNet,
+            QKVAttention,
+            ConvGroupNorm,
+            CausalBlock,
+            TinyCausalLM,
+            ScaledWeightGrad,
+            CustomOpNet,
+            RunningCentering,
+            CachingNet,
         )
     ]
 )

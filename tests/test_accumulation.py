@@ -253,10 +253,16 @@ def test_batchnorm_in_train_mode_is_explained() -> None:
         ({"micro_batches": [3, 2]}, r"adds up to 5 samples but the batch has 6"),
         ({"micro_batches": [3, 0, 3]}, r"every micro-batch size must be an int >= 1, got 0"),
         ({"micro_batches": "2"}, r"expected an int \(the number of micro-batches\)"),
-        ({"micro_batches": 2, "weights": [1, 2, 3]}, r"weights has 3 entries: expected one weight per micro-batch \(2\)"),
+        (
+            {"micro_batches": 2, "weights": [1, 2, 3]},
+            r"weights has 3 entries: expected one weight per micro-batch \(2\)",
+        ),
         ({"micro_batches": 2, "weights": [1, -1]}, r"must be finite and >= 0"),
         ({"micro_batches": 2, "weights": [0, 0]}, r"weights sum to 0"),
-        ({"micro_batches": 2, "weights": lambda t: t.foo}, r"weights\(micro_targets\) raised AttributeError on micro-batch 0"),
+        (
+            {"micro_batches": 2, "weights": lambda t: t.foo},
+            r"weights\(micro_targets\) raised AttributeError on micro-batch 0",
+        ),
         ({"micro_batches": 2, "rtol": "x"}, r"Invalid rtol='x'"),
     ],
 )
@@ -266,15 +272,18 @@ def test_bad_arguments_get_a_clear_error(kwargs: dict, message: str) -> None:
 
 
 def test_bad_batches_get_a_clear_error() -> None:
-    with pytest.raises(InvalidArgument, match=r"batch sizes disagree: inputs \(shape \(6, 3\)\) has 6 samples but targets"):
+    with pytest.raises(
+        InvalidArgument, match=r"batch sizes disagree: inputs \(shape \(6, 3\)\) has 6 samples but targets"
+    ):
         assert_accumulation_equiv(mlp(), F.mse_loss, torch.randn(6, 3), torch.randn(5, 1), micro_batches=2)
     with pytest.raises(InvalidArgument, match="batch size 1"):
         assert_accumulation_equiv(mlp(), F.mse_loss, torch.randn(1, 3), torch.randn(1, 1), micro_batches=1)
     with pytest.raises(InvalidArgument, match="empty batch"):
         assert_accumulation_equiv(mlp(), F.mse_loss, torch.randn(0, 3), torch.randn(0, 1), micro_batches=1)
     with pytest.raises(InvalidArgument, match="targets is None"):
-        assert_accumulation_equiv(mlp(), lambda out: out.pow(2).mean(), torch.randn(4, 3), None,
-                                  micro_batches=2, weights=lambda t: 1)
+        assert_accumulation_equiv(
+            mlp(), lambda out: out.pow(2).mean(), torch.randn(4, 3), None, micro_batches=2, weights=lambda t: 1
+        )
     with pytest.raises(InvalidArgument, match=r"the loss \(batch\) has shape \(4, 1\), not a scalar"):
         assert_accumulation_equiv(mlp(), lambda o, y: o - y, torch.randn(4, 3), torch.randn(4, 1), micro_batches=2)
 

@@ -423,7 +423,7 @@ def test_exception_inside_leaves_no_mode_active() -> None:
     assert _get_current_function_mode_stack() == []
     with pytest.raises(ZeroDivisionError):
         with recording():
-            1 / 0
+            _ = 1 / 0
     assert _get_current_function_mode_stack() == []
     # nothing left behind: a plain broadcast outside any guard just runs
     assert (A - Bv).shape == (N, N)
@@ -591,14 +591,18 @@ def test_multiline_call_uses_the_exact_expression() -> None:
 
 
 def test_record_formatting_and_make_record() -> None:
-    r = BroadcastRecord("sub", ((4, 1), (4,)), (4, 4), "/somewhere/test_xor.py", 21, "x", "did you mean labels.view(4, 1)?")
+    r = BroadcastRecord(
+        "sub", ((4, 1), (4,)), (4, 4), "/somewhere/test_xor.py", 21, "x", "did you mean labels.view(4, 1)?"
+    )
     assert r.location() == "test_xor.py:21"
     assert r.describe() == "sub((4, 1), (4,)) -> (4, 4): both operands were expanded"
     assert r.message() == (
         "test_xor.py:21: sub((4, 1), (4,)) -> (4, 4): both operands were expanded; did you mean labels.view(4, 1)?"
     )
-    assert BroadcastRecord("where", ((4, 1), (4, 1), (4,)), (4, 4), "f.py", 1).describe().endswith(
-        "all 3 operands were expanded"
+    assert (
+        BroadcastRecord("where", ((4, 1), (4, 1), (4,)), (4, 4), "f.py", 1)
+        .describe()
+        .endswith("all 3 operands were expanded")
     )
     with pytest.raises(AttributeError):
         r.op = "add"  # type: ignore[misc]

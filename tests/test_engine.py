@@ -73,7 +73,9 @@ def test_deep_tanh_mlp_float32_large_batch_no_false_positive() -> None:
 
 def test_float64_model_passes() -> None:
     model = mlp().double()
-    report = assert_gradequiv(model, F.mse_loss, torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64))
+    report = assert_gradequiv(
+        model, F.mse_loss, torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64)
+    )
     assert report.passed and report.dtype == "float64" and report.float64 is None
 
 
@@ -394,7 +396,9 @@ def test_randomness_other_than_dropout_is_refused_clearly() -> None:
             return self.fc(x + 0.1 * torch.randn_like(x))
 
     x, y = torch.randn(6, 4), torch.randn(6, 1)
-    with pytest.raises(UnsupportedModelError, match=r"training step is random.*torch\.randn_like at .*test_engine\.py:\d+"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"training step is random.*torch\.randn_like at .*test_engine\.py:\d+"
+    ):
         assert_gradequiv(Noisy(), F.mse_loss, x, y)
 
 
@@ -413,7 +417,10 @@ def test_vmap_incompatible_model_falls_back_to_a_loop_and_says_so() -> None:
     assert report.fallback_reason and "per-sample loop" in str(report)
     with pytest.raises(InvalidArgument, match="vmap could not run"):
         assert_gradequiv(DataDependent(), F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), reference="vmap")
-    assert assert_gradequiv(mlp(), F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), reference="loop").reference_method == "loop"
+    assert (
+        assert_gradequiv(mlp(), F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), reference="loop").reference_method
+        == "loop"
+    )
 
 
 def test_loop_fallback_still_catches_the_sum_bug() -> None:
@@ -561,21 +568,48 @@ def test_inputs_modified_in_place_by_the_model_are_not_the_users() -> None:
         (lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(4, 4), torch.randn(3, 1)), "batch sizes disagree"),
         (lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(1, 4), torch.randn(1, 1)), "batch size 1"),
         (lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(0, 4), torch.randn(0, 1)), "empty batch"),
-        (lambda m: assert_gradequiv(m, lambda o, y: (o - y) ** 2, torch.randn(4, 4), torch.randn(4, 1)), "not a scalar"),
+        (
+            lambda m: assert_gradequiv(m, lambda o, y: (o - y) ** 2, torch.randn(4, 4), torch.randn(4, 1)),
+            "not a scalar",
+        ),
         (lambda m: assert_gradequiv(m, F.mse_loss, [[1.0] * 4] * 4, torch.randn(4, 1)), "not a tensor"),
         (lambda m: assert_gradequiv(m, F.mse_loss, (torch.randn(4, 4), 3), torch.randn(4, 1)), r"inputs\[1\] is a int"),
         (lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(4, 4), torch.tensor(1.0)), "0-d tensor"),
-        (lambda m: assert_gradequiv(m, lambda o, y: F.mse_loss(o, y).item(), torch.randn(4, 4), torch.randn(4, 1)), "not a tensor"),
-        (lambda m: assert_gradequiv(m, lambda o, y: F.mse_loss(o.detach(), y), torch.randn(4, 4), torch.randn(4, 1)), "does not depend"),
+        (
+            lambda m: assert_gradequiv(m, lambda o, y: F.mse_loss(o, y).item(), torch.randn(4, 4), torch.randn(4, 1)),
+            "not a tensor",
+        ),
+        (
+            lambda m: assert_gradequiv(m, lambda o, y: F.mse_loss(o.detach(), y), torch.randn(4, 4), torch.randn(4, 1)),
+            "does not depend",
+        ),
         (lambda m: assert_gradequiv("model", F.mse_loss, torch.randn(4, 4), torch.randn(4, 1)), "torch.nn.Module"),
         (lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), reduction="avg"), "reduction"),
         (lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), rtol=-1), "rtol"),
-        (lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), weights=[1, 2]), "one weight per sample"),
-        (lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), weights=[0, 0, 0, 0]), "sum to 0"),
+        (
+            lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), weights=[1, 2]),
+            "one weight per sample",
+        ),
+        (
+            lambda m: assert_gradequiv(m, F.mse_loss, torch.randn(4, 4), torch.randn(4, 1), weights=[0, 0, 0, 0]),
+            "sum to 0",
+        ),
     ],
     ids=[
-        "batch-disagree", "b1", "empty", "non-scalar", "non-tensor", "non-tensor-in-tuple", "0-d",
-        "item", "detached", "not-module", "bad-reduction", "bad-rtol", "bad-weights", "zero-weights",
+        "batch-disagree",
+        "b1",
+        "empty",
+        "non-scalar",
+        "non-tensor",
+        "non-tensor-in-tuple",
+        "0-d",
+        "item",
+        "detached",
+        "not-module",
+        "bad-reduction",
+        "bad-rtol",
+        "bad-weights",
+        "zero-weights",
     ],
 )
 def test_bad_input_gets_a_clear_error(call, match: str) -> None:
@@ -714,9 +748,9 @@ def test_gradient_layout_matches_torch_for_strided_missing_and_widened_gradients
     transposed = torch.arange(6.0).reshape(3, 2).t()  # non-contiguous
     for grads in [(expanded, None), (transposed, torch.tensor([1.0, -2.0])), (transposed.half(), b.detach().half())]:
         flat = problem._to_numpy(grads, [w, b])
-        expected = torch.cat([
-            (torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, [w, b])
-        ]).numpy()
+        expected = torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, [w, b])]
+        ).numpy()
         assert flat.flat.dtype == np.float32
         np.testing.assert_array_equal(flat.flat, expected)
         np.testing.assert_array_equal(flat["weight"], expected[:6].reshape(2, 3))

@@ -40,7 +40,9 @@ def test_a_loss_class_instead_of_an_instance_says_how_to_make_one() -> None:
 
 def test_a_model_class_instead_of_an_instance_says_how_to_make_one() -> None:
     x, y = batch()
-    with pytest.raises(InvalidArgument, match=r"^model is the class nn\.Linear; pass an instance: nn\.Linear\(\.\.\.\)"):
+    with pytest.raises(
+        InvalidArgument, match=r"^model is the class nn\.Linear; pass an instance: nn\.Linear\(\.\.\.\)"
+    ):
         assert_gradequiv(nn.Linear, F.mse_loss, x, y)
 
 
@@ -140,7 +142,10 @@ def test_weights_of_a_wrong_type_or_shape_are_refused(weights: object, message: 
 @pytest.mark.parametrize(
     ("weights", "message"),
     [
-        (lambda t: torch.ones(3), "weights(sample 0) returned a tensor of shape (3,): the weights callable must return one number per sample"),
+        (
+            lambda t: torch.ones(3),
+            "weights(sample 0) returned a tensor of shape (3,): the weights callable must return one number per sample",
+        ),
         (lambda t: "a", "weights(sample 0) returned a str: the weights callable must return one number per sample"),
         (lambda t: None, "weights(sample 0) returned a NoneType"),
     ],
@@ -174,12 +179,21 @@ def test_good_weights_still_pass() -> None:
 @pytest.mark.parametrize(
     ("inputs", "targets", "message"),
     [
-        (torch.randn(6, 3), torch.randn(5, 1),
-         "batch sizes disagree: inputs (shape (6, 3)) has 6 samples but targets (shape (5, 1)) has 5"),
-        (torch.randn(6, 3), (torch.randn(6, 1), torch.randn(4)),
-         "batch sizes disagree: inputs (shape (6, 3)) has 6 samples but targets[1] (shape (4,)) has 4"),
-        ((torch.randn(6, 3), torch.randn(4, 3)), torch.randn(6, 1),
-         "batch sizes disagree: inputs[0] (shape (6, 3)) has 6 samples but inputs[1] (shape (4, 3)) has 4"),
+        (
+            torch.randn(6, 3),
+            torch.randn(5, 1),
+            "batch sizes disagree: inputs (shape (6, 3)) has 6 samples but targets (shape (5, 1)) has 5",
+        ),
+        (
+            torch.randn(6, 3),
+            (torch.randn(6, 1), torch.randn(4)),
+            "batch sizes disagree: inputs (shape (6, 3)) has 6 samples but targets[1] (shape (4,)) has 4",
+        ),
+        (
+            (torch.randn(6, 3), torch.randn(4, 3)),
+            torch.randn(6, 1),
+            "batch sizes disagree: inputs[0] (shape (6, 3)) has 6 samples but inputs[1] (shape (4, 3)) has 4",
+        ),
         (torch.randn(6, 3), torch.tensor(1.0), "targets is a 0-d tensor (a single number)"),
         (torch.randn(6, 3), (torch.randn(6, 1), torch.tensor(2.0)), "targets[1] is a 0-d tensor"),
         (torch.tensor(1.0), torch.randn(6, 1), "inputs is a 0-d tensor"),
@@ -203,8 +217,12 @@ def test_a_0d_tensor_error_says_what_to_do() -> None:
 
 
 def test_step_form_batch_errors_name_the_path_in_the_batch() -> None:
-    step = lambda m, b: F.mse_loss(m(b["x"]), b["y"])
-    with pytest.raises(InvalidArgument, match=r"^batch sizes disagree: batch\['x'\] \(shape \(6, 3\)\) has 6 samples but batch\['y'\]"):
+    def step(m: nn.Module, b: dict) -> torch.Tensor:
+        return F.mse_loss(m(b["x"]), b["y"])
+
+    with pytest.raises(
+        InvalidArgument, match=r"^batch sizes disagree: batch\['x'\] \(shape \(6, 3\)\) has 6 samples but batch\['y'\]"
+    ):
         assert_gradequiv_step(step, nn.Linear(3, 1), {"x": torch.randn(6, 3), "y": torch.randn(5, 1)})
 
 
@@ -380,8 +398,12 @@ def test_ddp_refuses_a_batch_of_one_like_every_other_check() -> None:
     make_mlp = mlp  # module-level: picklable for the child processes (none is started here)
     with pytest.raises(InvalidArgument) as info:
         assert_ddp_equiv(make_mlp, F.mse_loss, torch.randn(1, 3), torch.randn(1, 1), world_size=1)
-    assert str(info.value).startswith("batch size 1 (inputs (shape (1, 3))): a batch of one hides every cross-sample bug")
-    with pytest.raises(InvalidArgument, match=r"^batch sizes disagree: inputs \(shape \(8, 3\)\) has 8 samples but targets"):
+    assert str(info.value).startswith(
+        "batch size 1 (inputs (shape (1, 3))): a batch of one hides every cross-sample bug"
+    )
+    with pytest.raises(
+        InvalidArgument, match=r"^batch sizes disagree: inputs \(shape \(8, 3\)\) has 8 samples but targets"
+    ):
         assert_ddp_equiv(make_mlp, F.mse_loss, torch.randn(8, 3), torch.randn(7, 1))
     with pytest.raises(InvalidArgument, match=r"^targets is a 0-d tensor"):
         assert_ddp_equiv(make_mlp, F.mse_loss, torch.randn(8, 3), torch.tensor(1.0))

@@ -77,9 +77,7 @@ def test_given_batches_shrinks_the_target_shape_bug_to_b2_reproducibly(
     for _ in range(2):
         result = pytester.runpytest("--hypothesis-profile=gradequiv-ci", "-v", "--tb=short", "-p", "no:cacheprovider")
         result.assert_outcomes(failed=1)
-        result.stdout.fnmatch_lines(
-            ["*hypothesis profile 'gradequiv-ci'*", "*GradEquivError*", "*@reproduce_failure*"]
-        )
+        result.stdout.fnmatch_lines(["*hypothesis profile 'gradequiv-ci'*", "*GradEquivError*", "*@reproduce_failure*"])
         # Hypothesis names the minimal example "Falsifying example" (before 6.16x) or
         # "Failing test case" (later releases): accept either heading.
         out = result.stdout.str()

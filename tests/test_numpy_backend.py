@@ -444,7 +444,9 @@ def test_finite_differences_catch_a_wrong_sigmoid_derivative() -> None:
     report = info.value.report
     assert {p.name for p in report.failing} == {"W1", "b1"}
     msg = str(info.value)
-    assert msg.startswith("Analytic gradients do NOT match central finite differences: 2 of 4 parameters differ (W1, b1).")
+    assert msg.startswith(
+        "Analytic gradients do NOT match central finite differences: 2 of 4 parameters differ (W1, b1)."
+    )
     assert "Worst entries:" in msg and "W2, b2 match" in msg
     worst = next(p for p in report.failing if p.name == "W1").worst[0]
     assert abs(worst.analytic - worst.numeric) > 1e-3
@@ -655,7 +657,10 @@ def _bad_call(case: str) -> None:
         ("shape", r"gradient of params\['W2'\] has shape \(3, 7\) but the parameter has shape \(7, 3\)"),
         ("None gradient", r"None as the gradient of params\['b1'\]"),
         ("non-finite", r"parameter 'b1' has 7 non-finite entries"),
-        ("batch sizes", r"batch sizes disagree: inputs \(shape \(4, 5\)\) has 4 samples but targets \(shape \(3, 3\)\) has 3"),
+        (
+            "batch sizes",
+            r"batch sizes disagree: inputs \(shape \(4, 5\)\) has 4 samples but targets \(shape \(3, 3\)\) has 3",
+        ),
         ("batch of one", r"batch size 1 .* hides every cross-sample bug"),
         ("empty batch", r"empty batch"),
         ("list params entry", r"params\['b2'\] is a list, not a NumPy array"),

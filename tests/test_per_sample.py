@@ -68,7 +68,9 @@ def test_one_wrong_sample_is_named() -> None:
 def test_supplied_float32_gradients_are_not_held_to_float64_tolerance() -> None:
     # rows computed in float32 by a different route (a loop, not vmap) pass
     model, x, y, _ = mlp_case(b=64)
-    rows = [torch.autograd.grad(F.mse_loss(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters())) for i in range(64)]
+    rows = [
+        torch.autograd.grad(F.mse_loss(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters())) for i in range(64)
+    ]
     names = [n for n, _ in model.named_parameters()]
     grads = {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
     assert assert_per_sample_gradients(model, F.mse_loss, x, y, grads=grads).passed
@@ -76,7 +78,9 @@ def test_supplied_float32_gradients_are_not_held_to_float64_tolerance() -> None:
 
 def test_bad_per_sample_arguments_get_clear_errors() -> None:
     model, x, y, ps = mlp_case()
-    with pytest.raises(InvalidArgument, match=r"grads\['0.weight'\] has shape \(4, 5\), expected \(B, \*param.shape\) = \(6, 4, 5\)"):
+    with pytest.raises(
+        InvalidArgument, match=r"grads\['0.weight'\] has shape \(4, 5\), expected \(B, \*param.shape\) = \(6, 4, 5\)"
+    ):
         assert_per_sample_gradients(model, F.mse_loss, x, y, grads={**ps, "0.weight": ps["0.weight"].sum(0)})
     with pytest.raises(InvalidArgument, match="no entry for '2.bias'"):
         assert_per_sample_gradients(model, F.mse_loss, x, y, grads={k: v for k, v in ps.items() if k != "2.bias"})

@@ -230,7 +230,11 @@ def test_verbose_summary_and_header(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-v", "--gradequiv-broadcast=warn", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
-        ["gradcheck: rtol=by dtype, atol=0, broadcast=warn", "*gradequiv*", "2 gradient checks in 1 test: 2 passed, 0 failed"]
+        [
+            "gradcheck: rtol=by dtype, atol=0, broadcast=warn",
+            "*gradequiv*",
+            "2 gradient checks in 1 test: 2 passed, 0 failed",
+        ]
     )
 
 
@@ -248,7 +252,10 @@ def test_broadcast_option_error_fails_a_passing_check(pytester: pytest.Pytester)
     result = pytester.runpytest("--gradequiv-broadcast=error", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
-        ["*BroadcastError: implicit broadcast in the loss (broadcast='error')*", "*test_user.py:*: mul((4, 1), (1, 4)) -> (4, 4)*"]
+        [
+            "*BroadcastError: implicit broadcast in the loss (broadcast='error')*",
+            "*test_user.py:*: mul((4, 1), (1, 4)) -> (4, 4)*",
+        ]
     )
     result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error::pytest_gradcheck.BroadcastWarning")
     result.assert_outcomes(failed=1)

@@ -149,7 +149,10 @@ def test_method_style_training_step() -> None:
     batch = {"x": torch.randn(6, 3), "y": torch.randn(6, 1)}
     report = assert_gradequiv_step(lambda m, b: m.training_step(b, 0), model, batch)
     assert report.passed and {p.name for p in report.parameters} == {
-        "net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"
+        "net.0.weight",
+        "net.0.bias",
+        "net.2.weight",
+        "net.2.bias",
     }
 
 
@@ -236,9 +239,7 @@ def test_summing_step_fails_and_names_the_sum() -> None:
         assert_gradequiv_step(buggy_step, mlp(), batch)
     report = info.value.report
     assert report.would_match == "sum" and report.float64 is not None
-    assert "the batch gradient is the SUM of per-sample gradients, not their mean: 8 times too large" in str(
-        info.value
-    )
+    assert "the batch gradient is the SUM of per-sample gradients, not their mean: 8 times too large" in str(info.value)
     assert assert_gradequiv_step(buggy_step, mlp(), batch, reduction="sum").matched == "sum"
     assert assert_gradequiv_step(buggy_step, mlp(), batch, reduction="auto").matched == "sum"
 
@@ -294,10 +295,18 @@ def test_batchnorm_in_train_mode_is_explained() -> None:
 @pytest.mark.parametrize(
     ("step", "batch", "message"),
     [
-        (lambda m, b: {"out": m(b[0]).mean()}, (torch.randn(4, 3),), r"mapping without a 'loss' entry \(keys: \['out'\]\)"),
+        (
+            lambda m, b: {"out": m(b[0]).mean()},
+            (torch.randn(4, 3),),
+            r"mapping without a 'loss' entry \(keys: \['out'\]\)",
+        ),
         (lambda m, b: m(b[0]), (torch.randn(4, 3),), r"has shape \(4, 1\), not a scalar"),
         (lambda m, b: m(b[0]).mean().item(), (torch.randn(4, 3),), r"is a float, not a tensor"),
-        (lambda m, b: m(b["x"]).mean(), {"x": torch.randn(4, 3), "y": torch.randn(3)}, r"batch sizes disagree: batch\['x'\] \(shape \(4, 3\)\) has 4 samples but batch\['y'\]"),
+        (
+            lambda m, b: m(b["x"]).mean(),
+            {"x": torch.randn(4, 3), "y": torch.randn(3)},
+            r"batch sizes disagree: batch\['x'\] \(shape \(4, 3\)\) has 4 samples but batch\['y'\]",
+        ),
         (lambda m, b: m(b[0]).mean(), (torch.randn(1, 3),), "batch size 1"),
         (lambda m, b: m(b[0]).mean(), (torch.randn(0, 3),), "empty batch"),
         (lambda m, b: m(b[0]).mean(), (3, "x"), "the batch holds no tensor"),

@@ -215,11 +215,7 @@ def test_batches_share_batch_size_and_named_dims(batch: gst.Batch) -> None:
 
 
 @FAST
-@given(
-    gst.batches(
-        input_shape=(4,), target_shape=(), num_classes="classes", dims={"classes": st.integers(3, 6)}
-    )
-)
+@given(gst.batches(input_shape=(4,), target_shape=(), num_classes="classes", dims={"classes": st.integers(3, 6)}))
 def test_batches_class_index_targets(batch: gst.Batch) -> None:
     classes = batch.dims["classes"]
     assert 3 <= classes <= 6

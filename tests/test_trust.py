@@ -289,8 +289,9 @@ def test_ignore_index_with_class_targets_is_named_not_a_bare_factor() -> None:
     text = str(info.value)
     assert "6 of 8 samples whose target is not ignore_index=-100" in text
     assert "1.333 times" not in text
-    assert assert_gradequiv(nn.Linear(6, 5), F.cross_entropy, torch.randn(8, 6), targets,
-                            weights=lambda t: (t != -100).sum()).passed
+    assert assert_gradequiv(
+        nn.Linear(6, 5), F.cross_entropy, torch.randn(8, 6), targets, weights=lambda t: (t != -100).sum()
+    ).passed
 
 
 def test_accumulating_micro_batch_means_names_the_token_weighting_per_micro_batch() -> None:
@@ -322,8 +323,13 @@ def test_unnamed_weights_proportional_to_small_integers_are_printed_as_integers(
 def test_wrong_declared_weights_say_the_plain_mean_matches() -> None:
     torch.manual_seed(0)
     with pytest.raises(GradEquivError) as info:
-        assert_gradequiv(nn.Linear(6, 5), F.mse_loss, torch.randn(4, 6), torch.randn(4, 5),
-                         weights=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        assert_gradequiv(
+            nn.Linear(6, 5),
+            F.mse_loss,
+            torch.randn(4, 6),
+            torch.randn(4, 5),
+            weights=torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        )
     report = info.value.report
     assert report.would_match == "mean (unweighted)"
     assert "plain (unweighted) mean" in str(info.value) and "neither mean nor sum" not in str(info.value)

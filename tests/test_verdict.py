@@ -33,9 +33,7 @@ def gradient_pairs(draw: st.DrawFn) -> tuple[dict, dict]:
     return b, r
 
 
-def plain(
-    b: np.ndarray, r: np.ndarray, k: float, rtol: float, atol: float, problem: float
-) -> tuple[float, float, int]:
+def plain(b: np.ndarray, r: np.ndarray, k: float, rtol: float, atol: float, problem: float) -> tuple[float, float, int]:
     """The documented rule: ``max|b - k r| <= atol + rtol * max(own scale, 1e-3 * problem scale)``."""
     b, r = np.asarray(b, np.float64).ravel(), k * np.asarray(r, np.float64).ravel()
     if b.size == 0:

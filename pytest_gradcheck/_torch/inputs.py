@@ -16,14 +16,11 @@ from ..errors import InvalidArgument, first_line
 NamedModules = Sequence[tuple[str, torch.nn.Module]]  # model.named_modules(), walked once
 
 
-
-
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
 WeightsArg = Union[None, torch.Tensor, Sequence[float], np.ndarray, Callable[[Any], Any]]
-
 
 
 def loss_call_arguments(
@@ -46,7 +43,6 @@ def loss_call_arguments(
     return inputs_t, targets_t, targets_is_tuple
 
 
-
 def loss_form_paths(inputs: Any, targets: Any) -> list[str]:
     """The names of the tensors of ``(inputs, targets)`` as the user passed them, in order:
     ``inputs`` or ``inputs[i]``, then ``targets`` or ``targets[i]``."""
@@ -56,7 +52,6 @@ def loss_form_paths(inputs: Any, targets: Any) -> list[str]:
     elif targets is not None:
         out.append("targets")
     return out
-
 
 
 def _check_loss_form_batch(
@@ -74,7 +69,6 @@ def _check_loss_form_batch(
     check_batch_sizes(sizes)
 
 
-
 def check_model(model: Any) -> None:
     if isinstance(model, type) and issubclass(model, torch.nn.Module):
         name = class_name(model)
@@ -83,13 +77,11 @@ def check_model(model: Any) -> None:
         raise InvalidArgument(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-
 def class_name(cls: type) -> str:
     """``nn.MSELoss`` for torch's own modules (as users write them), else the class's name."""
     if cls.__module__.startswith("torch.nn") and getattr(torch.nn, cls.__name__, None) is cls:
         return f"nn.{cls.__name__}"
     return cls.__name__
-
 
 
 def _as_tensor_tuple(value: Any, name: str) -> tuple[torch.Tensor, ...]:
@@ -108,13 +100,11 @@ def _as_tensor_tuple(value: Any, name: str) -> tuple[torch.Tensor, ...]:
     return items
 
 
-
 def zero_dim_message(path: str) -> str:
     return (
         f"{path} is a 0-d tensor (a single number): every tensor needs the batch on dim 0, one value "
         "per sample (shape (B, ...))"
     )
-
 
 
 def sparse_input_message(path: str, t: torch.Tensor) -> str:
@@ -125,10 +115,8 @@ def sparse_input_message(path: str, t: torch.Tensor) -> str:
     )
 
 
-
 def describe_leaf(path: str, t: torch.Tensor) -> str:
     return f"{path} (shape {tuple(t.shape)})"
-
 
 
 def batch_size_of(batch: Any, allow_non_tensor: bool, leaves: Optional[list] = None) -> int:
@@ -153,7 +141,6 @@ def batch_size_of(batch: Any, allow_non_tensor: bool, leaves: Optional[list] = N
     return check_batch_sizes(sizes)
 
 
-
 def leaf_paths(batch: Any) -> list[str]:
     """Readable paths of the leaves of ``batch``, in ``tree_flatten`` order."""
     # Batches built by assert_gradequiv are ((inputs...), (targets...)).
@@ -176,14 +163,12 @@ def leaf_paths(batch: Any) -> list[str]:
     return out
 
 
-
 def _sortable(d: dict) -> bool:
     try:
         sorted(d)
         return True
     except TypeError:
         return False
-
 
 
 def resolve_weights(weights: WeightsArg, b: int, sample_of: Callable[[int], Any]) -> Optional[np.ndarray]:
@@ -218,7 +203,6 @@ def resolve_weights(weights: WeightsArg, b: int, sample_of: Callable[[int], Any]
     return w
 
 
-
 def _weight_of_sample(value: Any, i: int) -> float:
     """The number a ``weights`` callable returned for sample ``i``, or a clear error."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
@@ -236,7 +220,6 @@ def _weight_of_sample(value: Any, i: int) -> float:
         f"weights(sample {i}) returned {what}: the weights callable must return one number per sample "
         "(it is called on one sample, a batch of one), e.g. (targets != -100).sum()"
     )
-
 
 
 def ignore_index_candidates(loss_fn: Any, targets: Sequence[torch.Tensor]) -> list[tuple[str, np.ndarray]]:
@@ -272,13 +255,11 @@ def ignore_index_candidates(loss_fn: Any, targets: Sequence[torch.Tensor]) -> li
     return out
 
 
-
 def shifted_label(ignore: int) -> str:
     return (
         "their number of non-ignored targets after the one-token shift a causal language model "
         f"applies to its labels (labels[:, 1:] != {ignore})"
     )
-
 
 
 def non_ignored_counts(t: torch.Tensor, ignore: int, shift: bool = False) -> np.ndarray:

@@ -44,7 +44,6 @@ def loss_step_builder(
     return build
 
 
-
 @contextlib.contextmanager
 def loss_guard(record: Optional[list], batch_size: Optional[int] = None) -> Iterator[None]:
     if record is None:
@@ -57,10 +56,8 @@ def loss_guard(record: Optional[list], batch_size: Optional[int] = None) -> Iter
     record.extend(records)
 
 
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
 
 
 class StepModule(torch.nn.Module):
@@ -73,7 +70,6 @@ class StepModule(torch.nn.Module):
 
     def forward(self, batch: Any) -> Any:  # noqa: D401
         return self._step(self.model, batch)
-
 
 
 @contextlib.contextmanager
@@ -91,17 +87,12 @@ def default_dtype(float64: bool) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-
 GENERATORS = {
     "torch": "torch's global generator",
     "torch.cuda": "torch's CUDA generator",
     "random": "Python's random module",
     "numpy": "NumPy's global np.random",
 }
-
-
-
-
 
 
 def writes_into_input(exc: BaseException) -> bool:
@@ -120,14 +111,12 @@ def writes_into_input(exc: BaseException) -> bool:
     )
 
 
-
 # torch's words for a dtype mismatch between tensors (matmul, conv, norms, bilinear, RNNs, generic)
 _DTYPE_MISMATCH = re.compile(
     r"same dtype|same datatype|should be the same|does not match weight dtype|expected scalar type"
     r"|found dtype \w+ but expected|must have the same type",
     re.IGNORECASE,
 )
-
 
 
 def raise_clear_error(
@@ -139,7 +128,9 @@ def raise_clear_error(
 ) -> None:
     """Raise an :class:`InvalidArgument` in place of ``exc`` where its cause is certain
     (a dtype mismatch of inputs and parameters, a sparse gradient); otherwise return."""
-    if isinstance(exc, GradCheckError) or not isinstance(exc, (RuntimeError, ValueError, TypeError, NotImplementedError)):
+    if isinstance(exc, GradCheckError) or not isinstance(
+        exc, (RuntimeError, ValueError, TypeError, NotImplementedError)
+    ):
         return
     text = str(exc)
     if "sparse" in text.lower():
@@ -173,11 +164,9 @@ def raise_clear_error(
             ) from exc
 
 
-
 def is_randomness_error(exc: BaseException) -> bool:
     text = str(exc)
     return "randomness" in text and "vmap" in text
-
 
 
 def as_scalar_loss(out: Any, where: str) -> torch.Tensor:
@@ -188,14 +177,11 @@ def as_scalar_loss(out: Any, where: str) -> torch.Tensor:
     loss = out
     if isinstance(out, Mapping):
         if "loss" not in out:
-            raise InvalidArgument(
-                f"the step returned a mapping without a 'loss' entry (keys: {sorted(map(str, out))})"
-            )
+            raise InvalidArgument(f"the step returned a mapping without a 'loss' entry (keys: {sorted(map(str, out))})")
         loss = out["loss"]
     if not isinstance(loss, torch.Tensor):
         raise InvalidArgument(
-            f"the loss ({where}) is a {type(loss).__name__}, not a tensor: return the loss tensor "
-            "(not loss.item())"
+            f"the loss ({where}) is a {type(loss).__name__}, not a tensor: return the loss tensor (not loss.item())"
         )
     if loss.numel() != 1:
         raise InvalidArgument(
@@ -207,7 +193,6 @@ def as_scalar_loss(out: Any, where: str) -> torch.Tensor:
     if where == "per-sample":
         _check_depends_on_its_sample(loss)
     return loss if loss.dim() == 0 else loss.reshape(())
-
 
 
 def _check_depends_on_its_sample(loss: torch.Tensor) -> None:
@@ -226,7 +211,6 @@ def _check_depends_on_its_sample(loss: torch.Tensor) -> None:
         raise InvalidArgument(_IGNORES_BATCH)
 
 
-
 _IGNORES_BATCH = (
     "the loss does not depend on the batch: run on a single sample, the step computed its loss "
     "from none of that sample's tensors (e.g. it calls the model on a fixed tensor, not on the "
@@ -234,7 +218,6 @@ _IGNORES_BATCH = (
     "Compute the loss from the batch: loss_fn(model(*inputs), targets) must use the outputs or "
     "the targets; step_fn(model, batch) must use batch."
 )
-
 
 
 def run_watching_sample(run: Callable[[], Any], sample: Any) -> Any:

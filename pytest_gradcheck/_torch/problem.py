@@ -32,9 +32,7 @@ from .vmap import vmap_friendly_attention, vmap_friendly_rnn
 WeightsArg = Union[None, torch.Tensor, Sequence[float], np.ndarray, Callable[[Any], Any]]
 
 
-
 _LOOP_CHUNK = 32
-
 
 
 class TorchProblem:
@@ -63,9 +61,7 @@ class TorchProblem:
         self.batch_size = batch_size_of(batch, allow_non_tensor, self._leaves)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
-            raise InvalidArgument(
-                "the model has no parameter that requires grad: there is no gradient to check"
-            )
+            raise InvalidArgument("the model has no parameter that requires grad: there is no gradient to check")
         self.names = [n for n, _ in trainable]
         self.params = [p for _, p in trainable]
         first = self.params[0]
@@ -469,9 +465,9 @@ class TorchProblem:
 
         detached = tuple(p.detach() for p in params)
         with vmap_friendly_attention(self.params[0].device), vmap_friendly_rnn(self.has_rnn):
-            grads = torch.func.vmap(
-                torch.func.grad(one), in_dims=(None, *in_dims), randomness=self._vmap_randomness
-            )(detached, *shaped)
+            grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, *in_dims), randomness=self._vmap_randomness)(
+                detached, *shaped
+            )
         return dict(zip(self.names, grads))
 
     def weight_candidates(self) -> list[tuple[str, np.ndarray]]:
@@ -576,7 +572,6 @@ class TorchProblem:
                 g = g.reshape(-1)
                 parts.append(g if g.dtype == dtype else g.to(dtype))
         return FlatGrads.from_flat(torch.cat(parts).detach().cpu().numpy(), self.names, self._shapes)
-
 
 
 def check_sample_mixing(model: torch.nn.Module, modules: Optional[NamedModules] = None) -> None:

@@ -57,15 +57,33 @@ def _dropout_table() -> dict[Any, tuple[str, int, str, int, str]]:
 def _random_ops() -> dict[Any, str]:
     ops: dict[Any, str] = {}
     for name in (
-        "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
-        "bernoulli", "normal", "poisson", "multinomial", "binomial",
+        "rand",
+        "randn",
+        "randint",
+        "randperm",
+        "rand_like",
+        "randn_like",
+        "randint_like",
+        "bernoulli",
+        "normal",
+        "poisson",
+        "multinomial",
+        "binomial",
     ):
         fn = getattr(torch, name, None)
         if fn is not None:
             ops[fn] = f"torch.{name}"
     for name in (
-        "uniform_", "normal_", "bernoulli_", "bernoulli", "random_", "exponential_", "geometric_",
-        "log_normal_", "cauchy_", "multinomial",
+        "uniform_",
+        "normal_",
+        "bernoulli_",
+        "bernoulli",
+        "random_",
+        "exponential_",
+        "geometric_",
+        "log_normal_",
+        "cauchy_",
+        "multinomial",
     ):
         fn = getattr(torch.Tensor, name, None)
         if fn is not None:
@@ -203,10 +221,21 @@ _local = threading.local()
 
 def _namespaces() -> list[tuple[Any, str]]:
     F = torch.nn.functional
-    names = [(F, n) for n in ("dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
-                              "dropout3d", "scaled_dot_product_attention")]
-    names += [(torch, n) for n in ("dropout", "alpha_dropout", "feature_dropout", "feature_alpha_dropout",
-                                   "native_dropout")]
+    names = [
+        (F, n)
+        for n in (
+            "dropout",
+            "alpha_dropout",
+            "feature_alpha_dropout",
+            "dropout1d",
+            "dropout2d",
+            "dropout3d",
+            "scaled_dot_product_attention",
+        )
+    ]
+    names += [
+        (torch, n) for n in ("dropout", "alpha_dropout", "feature_dropout", "feature_alpha_dropout", "native_dropout")
+    ]
     return [(ns, n) for ns, n in names if hasattr(ns, n)]
 
 

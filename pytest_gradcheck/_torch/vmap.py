@@ -32,9 +32,7 @@ def vmap_friendly_attention(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.enable_flash_sdp(enabled)
 
 
-
 _RNN_OPS: dict[Any, Any] = {}
-
 
 
 def _rnn_decompositions() -> dict[Any, Any]:
@@ -54,7 +52,6 @@ def _rnn_decompositions() -> dict[Any, Any]:
             if op in decomposition_table:
                 _RNN_OPS[vf] = decomposition_table[op]
     return _RNN_OPS
-
 
 
 @contextlib.contextmanager

@@ -65,10 +65,7 @@ def headline(report: GradEquivReport) -> str:
             return "Gradients are equivalent: the DDP gradient equals the single-process full-batch gradient."
         return "Gradients are NOT equivalent: the DDP gradient differs from the single-process full-batch gradient."
     if report.passed and report.vacuous:
-        return (
-            "Gradients are equivalent, but every gradient is zero (or rounding noise): the check "
-            "could see nothing."
-        )
+        return "Gradients are equivalent, but every gradient is zero (or rounding noise): the check could see nothing."
     if report.passed:
         line = f"Gradients are equivalent: the batch gradient equals the {report.matched} of {what}"
         if report.rounding:
@@ -142,10 +139,7 @@ def _explain_factor(f: Finding, report: GradEquivReport) -> list[str]:
             f"{fmt_factor(factor)} times too large ({sym}={b} times the mean)."
         ]
     if f.matched == "mean" and report.reduction == "sum":
-        return [
-            f"the batch gradient is the MEAN of {what}, not their sum: "
-            f"{sym}={b} times too small (factor 1/{b})."
-        ]
+        return [f"the batch gradient is the MEAN of {what}, not their sum: {sym}={b} times too small (factor 1/{b})."]
     if abs(factor + 1) < 1e-3:
         return [f"the batch gradient has the opposite sign of {_declared(report)} of {what} (factor -1)."]
     rel_b = factor / b if b else float("nan")
@@ -182,11 +176,7 @@ def _explain_parameter_scales(f: Finding, report: GradEquivReport, n_params: int
     parts = [f"{', '.join(names)}: {words}" for words, names in groups.items()]
     rest = n_params - len(f.scales)
     tail = "; every other parameter matches." if rest > 0 else "."
-    return (
-        "the mismatch is confined to some parameters, each off by a pure scale: "
-        + "; ".join(parts)
-        + tail
-    )
+    return "the mismatch is confined to some parameters, each off by a pure scale: " + "; ".join(parts) + tail
 
 
 def _samples(indices: Sequence[int], b: int) -> str:
@@ -311,18 +301,20 @@ def _advice_lines(report: GradEquivReport) -> list[str]:
             if report.backend == "numpy":
                 out.append(
                     "divide the accumulated gradient by the batch size (np.mean over the batch "
-                    "axis instead of np.sum), or declare reduction=\"sum\" if summing is intended."
+                    'axis instead of np.sum), or declare reduction="sum" if summing is intended.'
                 )
             else:
                 out.append(
                     "use a mean-reduced loss (divide by the batch size), or declare "
-                    "reduction=\"sum\" if a summed loss is intended."
+                    'reduction="sum" if a summed loss is intended.'
                 )
         elif f.kind == "factor" and f.matched == "mean" and report.reduction == "sum":
-            out.append("declare reduction=\"mean\" if the mean is intended, or sum the loss over the batch.")
+            out.append('declare reduction="mean" if the mean is intended, or sum the loss over the batch.')
         elif f.kind == "factor":
-            out.append("find where the loss (or the gradient) is scaled: the check expects "
-                       f"{_declared(report)} of {_what(report)}.")
+            out.append(
+                "find where the loss (or the gradient) is scaled: the check expects "
+                f"{_declared(report)} of {_what(report)}."
+            )
         elif f.kind in ("known-weights", "weights"):
             out.append(
                 "if that weighting is intended (token-level losses with padding, sample weights), "
@@ -402,8 +394,7 @@ def render(report: GradEquivReport) -> str:
             )
         else:
             lines.append(
-                f"float64 re-check: the mismatch survives in float64 (rtol={f64.rtol:g}), so it is "
-                "a bug, not rounding:"
+                f"float64 re-check: the mismatch survives in float64 (rtol={f64.rtol:g}), so it is a bug, not rounding:"
             )
             lines.append("")
             lines.extend(_table(f64))

@@ -91,4 +91,3 @@ def test_self_rescaling_model_is_left_as_found(mode):
     _sgd_step(model, x, y)
     _sgd_step(twin, x, y)
     _assert_same_state(_state(model), _state(twin))
-
