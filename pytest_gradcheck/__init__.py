@@ -32,8 +32,8 @@ _EXPORTS: dict[str, str] = {
     "assert_gradequiv_numpy": "numpy_backend",
     "assert_grad_numpy": "numpy_backend",
     "assert_batch_independent": "independence",
-    "BatchLeakError": "independence",
-    "BatchIndependenceReport": "independence",
+    "BatchLeakError": "errors",
+    "BatchIndependenceReport": "report.independence",
     "assert_accumulation_equiv": "accumulation",
     "assert_accumulation_equiv_step": "accumulation",
     "fuzz_gradequiv": "fuzz",
@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .ddp import assert_ddp_equiv
     from .engine import assert_gradequiv, assert_gradequiv_step
     from .errors import (
+        BatchLeakError,
         BroadcastError,
         BroadcastWarning,
         DDPTimeoutError,
@@ -61,10 +62,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         UnsupportedModelError,
     )
     from .fuzz import fuzz_gradequiv
-    from .independence import BatchIndependenceReport, BatchLeakError, assert_batch_independent
+    from .independence import assert_batch_independent
     from .numpy_backend import assert_grad_numpy, assert_gradequiv_numpy
     from .per_sample import assert_per_sample_gradients
     from .report import GradEquivReport
+    from .report.independence import BatchIndependenceReport
 
 
 def __getattr__(name: str) -> Any:

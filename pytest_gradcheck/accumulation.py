@@ -36,9 +36,9 @@ from ._torch.inputs import (
     non_ignored_counts,
     shifted_label,
 )
-from ._torch.loss import as_scalar_loss, first_line, loss_step_builder
+from ._torch.loss import as_scalar_loss, loss_step_builder
 from ._torch.problem import TorchProblem
-from .errors import GradEquivError, InvalidArgument
+from .errors import GradEquivError, InvalidArgument, first_line
 from .report import GradEquivReport
 from .verdict import run_check
 
@@ -200,7 +200,7 @@ def assert_accumulation_equiv_step(
     sizes = split_sizes(micro_batches, b)
     bounds = _bounds(sizes)
 
-    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
+    def build(record: Optional[list[Any]], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
         return step_fn
 
     leaves, spec = pytree.tree_flatten(batch)
@@ -390,53 +390,21 @@ def _run(
     if weight_note:
         notes.append(weight_note)
     with problem.prepared():
-        try:
-            report = run_check(
-                problem,
-                reduction=opts["reduction"],
-                weights=w,
-                rtol=opts["rtol"],
-                atol=opts["atol"],
-                float64_recheck=opts["float64_recheck"],
-                check="accumulation",
-                notes=notes,
-            )
-        except GradEquivError as err:
-            advice = _accumulation_advice(err.report)
-            if not advice:
-                raise
-            raise GradEquivError(err.report, f"{err.report}\n\n{advice}") from None
+        report = run_check(
+            problem,
+            reduction=opts["reduction"],
+            weights=w,
+            rtol=opts["rtol"],
+            atol=opts["atol"],
+            float64_recheck=opts["float64_recheck"],
+            check="accumulation",
+            notes=notes,
+        )
     if report.broadcasts:
         from .broadcast import emit_after_check
 
         emit_after_check(report, opts["broadcast"], where="the loss")
     return report
-
-
-def _accumulation_advice(report: GradEquivReport) -> Optional[str]:
-    """How to write the accumulation loop so that it gives the full-batch gradient."""
-    for f in report.findings:
-        if f.kind == "known-weights" and f.label:
-            what = f.label.removeprefix("their ")
-            if f.label.startswith("equal weights"):
-                return (
-                    "Accumulation: the full-batch gradient here is the plain mean of micro-batch "
-                    "losses: divide each micro-batch's loss by the number of micro-batches before "
-                    ".backward(), and declare weights=[1] * k."
-                )
-            return (
-                f"Accumulation: to reproduce the full-batch gradient, scale micro-batch k's loss by "
-                f"w_k / sum(w) before .backward(), with w_k = its {what}; dividing every loss by the "
-                "number of micro-batches (a plain mean of micro-batch means) is only right when all "
-                "micro-batches weigh the same. Declare that weighting with weights=... to make this "
-                "check pass."
-            )
-        if f.kind == "factor" and f.matched and f.matched.endswith("sum"):
-            return (
-                f"Accumulation: with k={report.batch_size} micro-batches the full-batch gradient is "
-                'their sum: do not divide the micro-batch losses by k (or declare reduction="sum").'
-            )
-    return None
 
 
 # --------------------------------------------------------------------------- the problem
@@ -453,7 +421,7 @@ class _MicroBatchProblem(TorchProblem):
     def __init__(
         self,
         model: torch.nn.Module,
-        build_step: Callable[[Optional[list], bool], Callable[[torch.nn.Module, Any], Any]],
+        build_step: Callable[[Optional[list[Any]], bool], Callable[[torch.nn.Module, Any], Any]],
         batch: Any,
         sizes: Sequence[int],
         *,
@@ -491,11 +459,15 @@ class _MicroBatchProblem(TorchProblem):
         """Micro-batch ``i``."""
         return self._slice(self._leaves, *self.bounds[i])
 
-    def _loss_of(self, state: Optional[dict], step: Callable, float64: bool) -> Callable[[int], torch.Tensor]:
+    def _loss_of(
+        self, state: Optional[dict[str, Any]], step: Callable[..., Any], float64: bool
+    ) -> Callable[[int], torch.Tensor]:
         leaves = self._batch_leaves(float64)
         return lambda k: self._micro_loss(state, leaves, step, k)
 
-    def _micro_loss(self, state: Optional[dict], leaves: list[Any], step: Callable, k: int) -> torch.Tensor:
+    def _micro_loss(
+        self, state: Optional[dict[str, Any]], leaves: list[Any], step: Callable[..., Any], k: int
+    ) -> torch.Tensor:
         start, stop = self.bounds[k]
         try:
             micro = self._slice(leaves, start, stop)

@@ -10,7 +10,7 @@ does is rounding (:func:`mark_rounding`). Every check compares through :class:`P
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from .report import Comparison, ParamComparison
 
@@ -68,7 +68,7 @@ def default_tolerances(dtype: str, rtol: float | None = None, atol: float | None
     return r, a
 
 
-class FlatGrads(dict):
+class FlatGrads(dict[str, Any]):
     """``{parameter name: ndarray}`` whose arrays are views into one flat buffer.
 
     The comparison reduces every parameter in a handful of NumPy calls over the

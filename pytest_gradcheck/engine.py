@@ -183,7 +183,7 @@ def assert_gradequiv_step(
     if not callable(step_fn):
         raise InvalidArgument(f"step_fn must be callable, got {type(step_fn).__name__}")
 
-    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
+    def build(record: Optional[list[Any]], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
         if record is None:
             return step_fn
 

@@ -102,6 +102,14 @@ class DDPWorkerError(GradCheckError, RuntimeError):
         super().__init__(message)
 
 
+class BatchLeakError(GradEquivError):
+    """A sample's output depends on other samples of the batch.
+
+    A :class:`~pytest_gradcheck.errors.GradEquivError` (so an ``AssertionError``):
+    ``err.report`` is the :class:`~pytest_gradcheck.report.independence.BatchIndependenceReport`.
+    """
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__

@@ -156,7 +156,8 @@ def fuzz_gradequiv(
                 **check_options,
             )
         except GradEquivError as err:
-            raise GradEquivError(err.report, f"{_describe(batch)}\n\n{err}").with_traceback(err.__traceback__) from None
+            err.report.example = _describe(batch)  # the renderer prints the shrunk example first
+            raise GradEquivError(err.report).with_traceback(err.__traceback__) from None
         except BroadcastError as err:
             raise BroadcastError(f"{_describe(batch)}\n\n{err}", err.records).with_traceback(
                 err.__traceback__

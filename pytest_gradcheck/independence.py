@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -40,13 +39,20 @@ from torch.utils import _pytree as pytree
 from . import _tracking
 from ._options import check_batch_sizes, check_tolerance
 from ._torch.inputs import check_model
-from ._torch.loss import first_line
 from ._torch.problem import check_sample_mixing
 from ._torch.randomness import NeutralDropout
 from ._torch.state import SavedState, disable_dropout_modules
 from .compare import default_tolerances
-from .errors import GradEquivError, InvalidArgument, UnsupportedModelError
-from .report.format import fmt_number
+from .errors import BatchLeakError, GradEquivError, InvalidArgument, UnsupportedModelError, first_line
+from .report.independence import (
+    CAUSE_BATCH_SIZE,
+    CAUSE_MASK,
+    CAUSE_POOL,
+    CAUSE_VIEW,
+    AloneMismatch,
+    BatchIndependenceReport,
+    Leak,
+)
 
 __all__ = [
     "assert_batch_independent",
@@ -65,108 +71,8 @@ _MAX_PAIR_LINES = 20
 
 _PERTURBED = "a perturbed batch (other samples' inputs replaced by values drawn from the same tensors)"
 
-# Cause keys, in the order the renderer explains them.
-_CAUSE_POOL = "pool"
-_CAUSE_VIEW = "view"
-_CAUSE_MASK = "mask"
-_CAUSE_BATCH_SIZE = "batch-size"
-
 
 # --------------------------------------------------------------------------- report objects
-
-
-@dataclass(frozen=True)
-class Leak:
-    """One leaking pair: the output of ``output_sample`` depends on ``input_sample``.
-
-    ``evidence`` is ``"gradient"`` (a non-zero row of ``d out[i] / d input``;
-    ``strength`` is its norm relative to the sample's own row, ``inf`` when the
-    own row is zero) or ``"perturbation"`` (changing the other sample's input
-    changed this output; ``strength`` is the largest change relative to the
-    output's largest magnitude).
-    """
-
-    output_sample: int
-    input_sample: int
-    input: str
-    evidence: str
-    strength: float
-
-    def sentence(self) -> str:
-        """``"output of sample 0 depends on input of sample 2"``."""
-        return f"output of sample {self.output_sample} depends on input of sample {self.input_sample}"
-
-
-@dataclass(frozen=True)
-class AloneMismatch:
-    """Sample ``sample`` gives a different output alone (a batch of one) than in the batch."""
-
-    sample: int
-    max_abs_err: float
-    rel_err: float
-    allowed: float
-    output: str
-    survives_float64: Optional[bool] = None  # None: the float64 re-check could not run
-    shape: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None  # (in batch, alone) if they differ
-
-
-@dataclass
-class BatchIndependenceReport:
-    """What :func:`assert_batch_independent` measured. ``str(report)`` renders it.
-
-    >>> import torch
-    >>> from pytest_gradcheck import assert_batch_independent
-    >>> report = assert_batch_independent(torch.nn.Linear(3, 2), torch.randn(4, 3))
-    >>> report.passed, report.checked, report.leaks
-    (True, (0, 1, 2, 3), ())
-    """
-
-    passed: bool
-    batch_size: int
-    dtype: str
-    device: str
-    checked: tuple[int, ...]
-    subset: bool  # True when ``checked`` is a seeded random subset (max_samples)
-    seed: int
-    methods: tuple[tuple[str, str], ...]  # (input name, "gradient" | "perturbation")
-    rtol: float
-    atol: float
-    leaks: tuple[Leak, ...] = ()
-    alone: tuple[AloneMismatch, ...] = ()
-    alone_checked: bool = True
-    causes: tuple[str, ...] = ()
-    not_own: tuple[int, ...] = ()  # outputs that depend on other samples but not on their own input
-    incomplete_pairs: bool = False  # the pair search ran out of budget
-    rounding: bool = False  # a batch-of-one difference vanished in float64
-    dropout_disabled: tuple[str, ...] = ()
-    notes: list[str] = field(default_factory=list)
-    check: str = "independence"
-    reference_method: str = "batch of one"
-
-    @property
-    def leaking_samples(self) -> tuple[int, ...]:
-        """The checked samples whose output depends on another sample (or differs alone)."""
-        return tuple(sorted({lk.output_sample for lk in self.leaks} | {a.sample for a in self.alone}))
-
-    @property
-    def pairs(self) -> tuple[tuple[int, int], ...]:
-        """``(output sample, input sample)`` of every leak, without duplicates, sorted."""
-        return tuple(sorted({(lk.output_sample, lk.input_sample) for lk in self.leaks}))
-
-    def summary(self) -> str:
-        """The one-line verdict."""
-        return _headline(self)
-
-    def __str__(self) -> str:
-        return render(self)
-
-
-class BatchLeakError(GradEquivError):
-    """A sample's output depends on other samples of the batch.
-
-    A :class:`~pytest_gradcheck.errors.GradEquivError` (so an ``AssertionError``):
-    ``err.report`` is the :class:`BatchIndependenceReport`.
-    """
 
 
 # --------------------------------------------------------------------------- public API
@@ -680,7 +586,7 @@ def _classify(
       pools, normalises or attends over the batch axis.
     """
     if not leaks:
-        return (_CAUSE_BATCH_SIZE,) if alone else ()
+        return (CAUSE_BATCH_SIZE,) if alone else ()
     deps: dict[int, set[int]] = {}
     for lk in leaks:
         deps.setdefault(lk.output_sample, set()).add(lk.input_sample)
@@ -690,198 +596,15 @@ def _classify(
     via_mask = any(lk.input in mask_names for lk in leaks)
     first: str
     if not_own:
-        first = _CAUSE_VIEW
+        first = CAUSE_VIEW
     elif via_mask or (silent_float and not has_gradient):
-        first = _CAUSE_MASK
+        first = CAUSE_MASK
     elif density >= 0.75:
-        first = _CAUSE_POOL
+        first = CAUSE_POOL
     else:
-        first = _CAUSE_VIEW
-    rest = [c for c in (_CAUSE_POOL, _CAUSE_VIEW, _CAUSE_MASK) if c != first]
+        first = CAUSE_VIEW
+    rest = [c for c in (CAUSE_POOL, CAUSE_VIEW, CAUSE_MASK) if c != first]
     return (first, *rest)
 
 
 # --------------------------------------------------------------------------- rendering
-
-_CAUSE_TEXT = {
-    _CAUSE_POOL: (
-        "a layer that normalises or pools over the batch axis (statistics over dim 0 such as "
-        "x.mean(0) or softmax(dim=0), hand-written batch normalisation), or attention along the "
-        "batch axis (nn.MultiheadAttention / nn.TransformerEncoderLayer without batch_first=True fed "
-        "(batch, seq, feature) tensors, so each position attends across samples)"
-    ),
-    _CAUSE_VIEW: (
-        "a view/reshape across the batch dimension: x.view(T, B, -1) or x.reshape(...) where "
-        "x.permute(1, 0, 2) or x.transpose(0, 1) was meant regroups memory, so rows of one sample "
-        "end up in another"
-    ),
-    _CAUSE_MASK: (
-        "a mask, index or length built along the batch axis (e.g. (ids == pad).any(0), "
-        "mask.sum(0) instead of mask.sum(1), padding trimmed to the longest sequence of the batch): "
-        "such paths carry no gradient, only changing the other samples' inputs shows them"
-    ),
-    _CAUSE_BATCH_SIZE: (
-        "the output depends on the batch itself rather than on another sample's values: the batch "
-        "size is used inside forward (x.shape[0], len(x)), or a layer computes differently for a "
-        "batch of one"
-    ),
-}
-
-_SHORT_CAUSE = {
-    _CAUSE_POOL: "a layer that pools, normalises or attends over the batch axis",
-    _CAUSE_VIEW: "a view/reshape across the batch dimension",
-    _CAUSE_MASK: "a mask or index built along the batch axis",
-    _CAUSE_BATCH_SIZE: "the batch size used inside forward",
-}
-
-_ADVICE_TEXT = {
-    _CAUSE_POOL: (
-        "normalise each sample alone (LayerNorm/GroupNorm instead of statistics over dim 0) and pass "
-        "batch_first=True to attention/recurrent layers that receive (batch, seq, feature) tensors"
-    ),
-    _CAUSE_VIEW: (
-        "reorder axes with .permute()/.transpose() (then .reshape()); .view()/.reshape() alone only "
-        "regroups memory and moves data between samples"
-    ),
-    _CAUSE_MASK: "build masks per sample, from each sample's own inputs (reduce over dim=1, not dim=0)",
-    _CAUSE_BATCH_SIZE: "do not use the batch size inside forward; make every op act on one sample at a time",
-}
-
-
-def _fmt_samples(samples: Sequence[int], limit: int = 12) -> str:
-    shown = ", ".join(str(s) for s in samples[:limit])
-    return shown + (f", ... ({len(samples)} in all)" if len(samples) > limit else "")
-
-
-def _headline(report: BatchIndependenceReport) -> str:
-    n, b = len(report.checked), report.batch_size
-    scope = f"{n} of {b} samples checked" + (f", drawn with seed={report.seed}" if report.subset else "")
-    if report.passed:
-        line = f"Samples are independent: no output depends on another sample's input ({scope})"
-        if report.rounding:
-            line += f"; the {report.dtype} differences of a batch of one are rounding (they vanish in float64)"
-        return line + "."
-    if report.leaks:
-        leaking = {lk.output_sample for lk in report.leaks}
-        return (
-            f"Samples are NOT independent: the output of {len(leaking)} of {n} checked sample"
-            f"{'s' if n != 1 else ''} depends on other samples' inputs "
-            f"({len(report.pairs)} leaking pair{'s' if len(report.pairs) != 1 else ''})."
-        )
-    return (
-        f"Samples are NOT independent: {len(report.alone)} of {n} checked sample{'s' if n != 1 else ''} "
-        "give a different output alone (a batch of one) than in the batch."
-    )
-
-
-def _evidence(lk: Leak) -> str:
-    if lk.evidence == "gradient":
-        rel = "" if math.isinf(lk.strength) else f", {lk.strength:.3g} x the sample's own row"
-        return f"gradient w.r.t. {lk.input}[{lk.input_sample}] is non-zero{rel}"
-    if math.isnan(lk.strength):
-        return "changing all other samples together changes it"
-    return f"changing {lk.input}[{lk.input_sample}] changes it by rel {fmt_number(lk.strength)}"
-
-
-def render(report: BatchIndependenceReport) -> str:
-    """Render ``report`` as text (the ``BatchLeakError`` message, ``str(report)``)."""
-    lines = [_headline(report), ""]
-    methods: dict[str, list[str]] = {}
-    for name, how in report.methods:
-        methods.setdefault(how, []).append(name)
-    how_text = "; ".join(f"{how}: {', '.join(names)}" for how, names in methods.items()) or "none"
-    checked = "all" if len(report.checked) == report.batch_size else _fmt_samples(report.checked)
-    lines.append(
-        f"batch of {report.batch_size} · {report.dtype} · {report.device} · outputs checked: {checked}"
-        f" · tests: {how_text}" + ("; batch of one" if report.alone_checked else "")
-    )
-    lines.append(
-        f"Tolerance (perturbation, batch of one): rtol={report.rtol:g}, atol={report.atol:g}; "
-        "gradient rows of other samples must be exactly 0."
-    )
-    if report.leaks:
-        by_output: dict[int, dict[int, Leak]] = {}
-        for lk in report.leaks:
-            row = by_output.setdefault(lk.output_sample, {})
-            prev = row.get(lk.input_sample)
-            if prev is None or (prev.evidence != "gradient" and lk.evidence == "gradient"):
-                row[lk.input_sample] = lk
-        lines.append("")
-        lines.append(f"Leaking pairs ({len(report.pairs)}):")
-        outputs = sorted(by_output)
-        for i in outputs[:_MAX_PAIR_LINES]:
-            row = by_output[i]
-            js = sorted(row)
-            first = row[js[0]]
-            also = ""
-            if len(js) > 1:
-                also = f"; also on sample{'s' if len(js) > 2 else ''} {_fmt_samples(js[1:])}"
-            lines.append(f"  {first.sentence()}{also}  ({_evidence(first)})")
-        if len(outputs) > _MAX_PAIR_LINES:
-            lines.append(f"  ... {len(outputs) - _MAX_PAIR_LINES} more leaking outputs")
-        if report.incomplete_pairs:
-            lines.append(
-                "  (not every pair could be named one by one: the search budget ran out or the leak "
-                "only shows when several samples change)"
-            )
-    if report.alone and report.leaks:
-        worst = max(a.rel_err for a in report.alone)
-        lines.append("")
-        lines.append(
-            f"Run alone (a batch of one), sample{'s' if len(report.alone) != 1 else ''} "
-            f"{_fmt_samples([a.sample for a in report.alone])} give a different output than in the "
-            f"batch too (max rel err {fmt_number(worst)})."
-        )
-    elif report.alone:
-        lines.append("")
-        lines.append("Run alone (a batch of one) instead of in the batch:")
-        for a in report.alone[:_MAX_PAIR_LINES]:
-            if a.shape is not None:
-                lines.append(
-                    f"  sample {a.sample}: {a.output} has shape {a.shape[0]} in the batch but {a.shape[1]} alone"
-                )
-                continue
-            f64 = {True: "; survives float64", False: "", None: "; float64 re-check could not run"}[a.survives_float64]
-            lines.append(
-                f"  sample {a.sample}: {a.output} differs (max abs err {fmt_number(a.max_abs_err)}, rel err "
-                f"{fmt_number(a.rel_err)}, allowed {fmt_number(a.allowed)}{f64})"
-            )
-        if len(report.alone) > _MAX_PAIR_LINES:
-            lines.append(f"  ... {len(report.alone) - _MAX_PAIR_LINES} more samples")
-    elif report.leaks and report.alone_checked:
-        lines.append("")
-        lines.append(
-            "Run alone (a batch of one), every checked sample gives the output it has in this batch: "
-            "the leak shows only when the other samples change."
-        )
-    if not report.passed and report.causes:
-        lines.append("")
-        lines.append("Cause: likely " + _CAUSE_TEXT[report.causes[0]] + ".")
-        if report.not_own:
-            many = len(report.not_own) != 1
-            lines.append(
-                f"  The output of sample{'s' if many else ''} {_fmt_samples(report.not_own)} "
-                f"{'do' if many else 'does'} not depend on {'their' if many else 'its'} own input at "
-                "all: the rows came from other samples."
-            )
-        if len(report.causes) > 1:
-            lines.append("  Less likely: " + "; ".join(_SHORT_CAUSE[c] for c in report.causes[1:]) + ".")
-        lines.append("")
-        lines.append("What to do: " + _ADVICE_TEXT[report.causes[0]] + ".")
-        lines.append(
-            "  To find the layer, check the model's prefixes (e.g. assert_batch_independent(model[:k], "
-            "inputs)): the first that fails mixes samples."
-        )
-    notes = list(report.notes)
-    if report.dropout_disabled:
-        notes.append(f"dropout was switched off during the check: {', '.join(report.dropout_disabled)}.")
-    if report.subset:
-        notes.append(
-            f"the batch has {report.batch_size} samples: {len(report.checked)} outputs were drawn at random "
-            f"(seed={report.seed}; raise max_samples to check more), each against every other sample."
-        )
-    if notes:
-        lines.append("")
-        lines.append("Notes:")
-        lines.extend(f"  - {n}" for n in notes)
-    return "\n".join(lines)

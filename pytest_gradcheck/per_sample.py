@@ -141,7 +141,9 @@ def _supplied(
 def _rows(grads: Mapping[str, Any], names: Sequence[str], b: int, float64: bool) -> FlatGrads:
     """``{"name[i]": row i}`` in one flat float buffer (one host copy per parameter)."""
     dtype = torch.float64 if float64 else None
-    arrays, row_names, shapes = [], [], []
+    arrays: list[np.ndarray] = []
+    row_names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
     for n in names:
         g = grads[n]
         t = g.detach().to(
@@ -220,8 +222,9 @@ class _PerSampleProblem:
             if all(math.isfinite(k) for k in factors) and all(abs(k - common) <= 1e-3 * abs(common) for k in factors):
                 findings.append(Finding("grad-sample", label=name, factor=common, counts=tuple(bad)))
                 continue
-            total = {rows[0]: sum(np.asarray(ref[r], dtype=np.float64) for r in rows)}
-            mean = {rows[0]: total[rows[0]] / b}
+            summed = np.sum([np.asarray(ref[r], dtype=np.float64) for r in rows], axis=0)
+            total = {rows[0]: summed}
+            mean = {rows[0]: summed / b}
             for label, agg in (("sum", total), ("mean", mean)):
                 if all(
                     Pair({rows[0]: g[rows[i]]}, agg).compare(1.0, rtol, atol, "sum", precision, scale).passed

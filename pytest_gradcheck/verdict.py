@@ -47,14 +47,29 @@ class GradientProblem(Protocol):
     Gradients are returned as ``{parameter name: float64 ndarray}``.
     """
 
-    backend: str
-    batch_size: int
-    dtype: str
-    device: str
-    reference_method: str
-    fallback_reason: Optional[str]
-    dropout_disabled: tuple[str, ...]
-    broadcasts: tuple[Any, ...]
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def reference_method(self) -> str: ...
+
+    @property
+    def fallback_reason(self) -> Optional[str]: ...
+
+    @property
+    def dropout_disabled(self) -> tuple[str, ...]: ...
+
+    @property
+    def broadcasts(self) -> tuple[Any, ...]: ...
 
     def batch_gradient(self, float64: bool) -> dict[str, "np.ndarray"]: ...
 
@@ -119,7 +134,7 @@ def run_check(
     # make the reference exact, so their own dtype's tolerance holds there too
     fixed = getattr(problem, "fixed_batch_precision", False)
 
-    def evaluate(float64: bool) -> tuple[dict, dict, dict[str, Comparison]]:
+    def evaluate(float64: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Comparison]]:
         precision = "float64" if float64 else problem.dtype
         r, a = default_tolerances(problem.dtype if fixed else precision, rtol, atol)
         g = problem.batch_gradient(float64)

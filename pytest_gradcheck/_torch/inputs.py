@@ -17,9 +17,6 @@ NamedModules = Sequence[tuple[str, torch.nn.Module]]  # model.named_modules(), w
 
 
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
 WeightsArg = Union[None, torch.Tensor, Sequence[float], np.ndarray, Callable[[Any], Any]]
 
 
@@ -119,7 +116,7 @@ def describe_leaf(path: str, t: torch.Tensor) -> str:
     return f"{path} (shape {tuple(t.shape)})"
 
 
-def batch_size_of(batch: Any, allow_non_tensor: bool, leaves: Optional[list] = None) -> int:
+def batch_size_of(batch: Any, allow_non_tensor: bool, leaves: Optional[list[Any]] = None) -> int:
     if leaves is None:
         leaves, _ = pytree.tree_flatten(batch)
     # the common case, without building the leaf descriptions an error message needs
@@ -163,7 +160,7 @@ def leaf_paths(batch: Any) -> list[str]:
     return out
 
 
-def _sortable(d: dict) -> bool:
+def _sortable(d: dict[str, Any]) -> bool:
     try:
         sorted(d)
         return True

@@ -16,7 +16,7 @@ from .inputs import NamedModules
 
 def loss_step_builder(
     loss_fn: Callable[..., Any], *, has_targets: bool, targets_is_tuple: bool
-) -> Callable[[Optional[list], bool], Callable[[torch.nn.Module, Any], Any]]:
+) -> Callable[[Optional[list[Any]], bool], Callable[[torch.nn.Module, Any], Any]]:
     """The step ``loss_fn(model(*inputs), targets)`` over a batch ``(inputs, targets)``.
 
     ``build(record, float64)`` returns the step; with ``record`` (a list) the
@@ -24,7 +24,7 @@ def loss_step_builder(
     forward; with ``float64`` a loss module is run on a float64 copy.
     """
 
-    def build(record: Optional[list], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
+    def build(record: Optional[list[Any]], float64: bool) -> Callable[[torch.nn.Module, Any], Any]:
         fn = loss_fn
         if float64 and isinstance(loss_fn, torch.nn.Module):
             fn = copy.deepcopy(loss_fn).to(torch.float64)
@@ -45,7 +45,7 @@ def loss_step_builder(
 
 
 @contextlib.contextmanager
-def loss_guard(record: Optional[list], batch_size: Optional[int] = None) -> Iterator[None]:
+def loss_guard(record: Optional[list[Any]], batch_size: Optional[int] = None) -> Iterator[None]:
     if record is None:
         yield
         return
@@ -67,6 +67,8 @@ class StepModule(torch.nn.Module):
         super().__init__()
         self.model = model
         object.__setattr__(self, "_step", step)
+
+    _step: Callable[[torch.nn.Module, Any], Any]
 
     def forward(self, batch: Any) -> Any:  # noqa: D401
         return self._step(self.model, batch)
@@ -234,7 +236,7 @@ def run_watching_sample(run: Callable[[], Any], sample: Any) -> Any:
     seen = [False]
 
     class _SampleUse(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             if not seen[0] and any(id(x) in ids for x in pytree.tree_leaves((args, kwargs))):
                 seen[0] = True

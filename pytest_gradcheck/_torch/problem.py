@@ -43,7 +43,7 @@ class TorchProblem:
     def __init__(
         self,
         model: torch.nn.Module,
-        build_step: Callable[[Optional[list], bool], Callable[[torch.nn.Module, Any], Any]],
+        build_step: Callable[[Optional[list[Any]], bool], Callable[[torch.nn.Module, Any], Any]],
         batch: Any,
         *,
         reference: str = "auto",
@@ -193,7 +193,9 @@ class TorchProblem:
             one = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, one)
         return one
 
-    def _loss_of(self, state: Optional[dict], step: Callable, float64: bool) -> Callable[[int], torch.Tensor]:
+    def _loss_of(
+        self, state: Optional[dict[str, Any]], step: Callable[..., Any], float64: bool
+    ) -> Callable[[int], torch.Tensor]:
         """``i -> the scalar loss of unit i run alone`` (a unit is a sample here, a micro-batch
         in the accumulation check, which overrides this)."""
         leaves = self._batch_leaves(float64)
@@ -228,7 +230,7 @@ class TorchProblem:
     # -- state: None (the module's own tensors) or a float64 copy -------------------------------
     def _state(self, float64: bool) -> tuple[Optional[dict[str, torch.Tensor]], list[torch.Tensor]]:
         if not float64:
-            return None, self.params
+            return None, list(self.params)
         state: dict[str, torch.Tensor] = {}
         trainable = set(self.names)
         by_name: dict[str, torch.Tensor] = {}
@@ -280,7 +282,7 @@ class TorchProblem:
             if label not in self._neutralised:
                 self._neutralised.append(label)
 
-    def _call(self, state: Optional[dict], batch: Any, step: Callable) -> Any:
+    def _call(self, state: Optional[dict[str, Any]], batch: Any, step: Callable[..., Any]) -> Any:
         if state is None:
             return step(self.model, batch)
         return torch.func.functional_call(StepModule(self.model, step), state, (batch,))
@@ -288,7 +290,8 @@ class TorchProblem:
     # -- GradientProblem ------------------------------------------------------------------------
     def batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
         self._begin_pass()
-        return self._retrying_with_copies(lambda: self._batch_gradient(float64))
+        out: dict[str, np.ndarray] = self._retrying_with_copies(lambda: self._batch_gradient(float64))
+        return out
 
     def confirm_deterministic(self, g: Optional[Mapping[str, np.ndarray]] = None) -> bool:
         """Before a mismatch is diagnosed (or when vmap meets a random op): is the step random?
@@ -346,7 +349,7 @@ class TorchProblem:
         )
 
     def _batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
-        record: Optional[list] = [] if (self.watch_broadcast and not float64) else None
+        record: Optional[list[Any]] = [] if (self.watch_broadcast and not float64) else None
         step = self.build_step(record, float64)
         with self._precision(float64, internal=float64 or self.watch_broadcast):
             state, params = self._state(float64)
@@ -365,7 +368,8 @@ class TorchProblem:
 
     def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
         self._begin_pass()
-        return self._retrying_with_copies(lambda: self._reference_gradient(coeffs, float64))
+        out: dict[str, np.ndarray] = self._retrying_with_copies(lambda: self._reference_gradient(coeffs, float64))
+        return out
 
     def _reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
         step = self.build_step(None, float64)
@@ -450,7 +454,7 @@ class TorchProblem:
         return {n: torch.stack(r) for n, r in zip(self.names, rows)}
 
     def _per_sample_vmap(
-        self, state: Optional[dict], params: list[torch.Tensor], leaves: list[Any], step: Callable
+        self, state: Optional[dict[str, Any]], params: list[torch.Tensor], leaves: list[Any], step: Callable[..., Any]
     ) -> dict[str, torch.Tensor]:
         in_dims = tuple(0 if isinstance(x, torch.Tensor) else None for x in leaves)
         shaped = [x.unsqueeze(1) if isinstance(x, torch.Tensor) else x for x in leaves]
@@ -484,7 +488,12 @@ class TorchProblem:
 
     # -- reference computations ------------------------------------------------------------------
     def _reference_vmap(
-        self, state: Optional[dict], params: list[torch.Tensor], leaves: list[Any], step: Callable, c: torch.Tensor
+        self,
+        state: Optional[dict[str, Any]],
+        params: list[torch.Tensor],
+        leaves: list[Any],
+        step: Callable[..., Any],
+        c: torch.Tensor,
     ) -> Sequence[Optional[torch.Tensor]]:
         # Each tensor is viewed as (B, 1, ...) before vmap, so every sample arrives as a batch
         # of one without a batched unsqueeze per input (each op under vmap costs ~20 us).
@@ -503,7 +512,12 @@ class TorchProblem:
         return torch.autograd.grad(total, params, allow_unused=True)
 
     def _reference_loop(
-        self, state: Optional[dict], params: list[torch.Tensor], leaves: list[Any], step: Callable, c: torch.Tensor
+        self,
+        state: Optional[dict[str, Any]],
+        params: list[torch.Tensor],
+        leaves: list[Any],
+        step: Callable[..., Any],
+        c: torch.Tensor,
     ) -> Sequence[Optional[torch.Tensor]]:
         acc: list[Optional[torch.Tensor]] = [None] * len(params)
         values: list[torch.Tensor] = []
@@ -523,12 +537,13 @@ class TorchProblem:
             grads = torch.autograd.grad(total, params, allow_unused=True)
             for k, g in enumerate(grads):
                 if g is not None:
-                    acc[k] = g if acc[k] is None else acc[k] + g
+                    prev = acc[k]
+                    acc[k] = g if prev is None else prev + g
         if values:
             self._keep_losses(torch.stack(values))
         return acc
 
-    def _check_single_sample_runs(self, state: Optional[dict], step: Callable) -> None:
+    def _check_single_sample_runs(self, state: Optional[dict[str, Any]], step: Callable[..., Any]) -> None:
         one = self._one(self._batch_leaves(state is not None), 0)
         try:
             as_scalar_loss(run_watching_sample(lambda: self._call(state, one, step), one), where="per-sample")

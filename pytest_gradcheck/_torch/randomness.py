@@ -42,13 +42,14 @@ def _dropout_table() -> dict[Any, tuple[str, int, str, int, str]]:
     table: dict[Any, tuple[str, int, str, int, str]] = {}
     for fn in (F.dropout, F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d):
         table[fn] = (f"F.{fn.__name__}", 1, "p", 2, "training")
-    for fn, name in (
+    variants: tuple[tuple[Any, str], ...] = (
         (torch.dropout, "torch.dropout"),
         (torch.alpha_dropout, "torch.alpha_dropout"),
         (torch.feature_dropout, "torch.feature_dropout"),
         (torch.feature_alpha_dropout, "torch.feature_alpha_dropout"),
         (torch.native_dropout, "torch.native_dropout"),
-    ):
+    )
+    for fn, name in variants:
         table[fn] = (name, 1, "p", 2, "train")
     table[F.scaled_dot_product_attention] = ("scaled_dot_product_attention", 4, "dropout_p", -1, "")
     return table
@@ -136,7 +137,7 @@ def _mode_class() -> type:
             self.owner = owner
             self.dropout, self.random = _tables()
 
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             spec = self.dropout.get(func)
             if spec is not None:
@@ -173,7 +174,9 @@ class NeutralDropout:
         self.draws: Optional[list[RandomDraw]] = [] if record_draws else None
         self._mode: Any = None
 
-    def _neutralise(self, spec: tuple[str, int, str, int, str], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _neutralise(
+        self, spec: tuple[str, int, str, int, str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         name, p_i, p_kw, t_i, t_kw = spec
         args_l = list(args)
         p = args_l[p_i] if len(args_l) > p_i else kwargs.get(p_kw, 0.5 if t_i >= 0 else 0.0)
@@ -327,7 +330,8 @@ class Watch:
         from .state import NumpyGlobalRNG
 
         self._torch = torch.get_rng_state()
-        self._cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+        self._cuda = torch.cuda.get_rng_state_all() if initialized else None
         self._py = random.getstate()
         self._np = NumpyGlobalRNG.watch() if "numpy" in sys.modules else None
         return self

@@ -58,7 +58,7 @@ class _Entry:
 
     __slots__ = ("obj", "kind", "saved", "path", "skip")
 
-    def __init__(self, obj: Any, kind: str, path: str, skip: frozenset = frozenset()) -> None:
+    def __init__(self, obj: Any, kind: str, path: str, skip: frozenset[str] = frozenset()) -> None:
         self.obj = obj
         self.kind = kind
         self.path = path
@@ -79,7 +79,7 @@ class _Entry:
         if len(cur) != len(saved) + (sum(k in cur for k in self.skip) if self.skip else 0):
             return True
         if self.kind == "set":
-            return cur != saved
+            return bool(cur != saved)
         if self.kind in ("attrs", "dict"):
             for k, v in saved.items():
                 if k not in cur or cur[k] is not v:
@@ -218,7 +218,8 @@ class _AttrState:
             self._seen.add(id(p))
             if vars(p):  # most parameters carry no attributes: nothing to save
                 self._object(p, path, skip=frozenset(), depth=1)
-            hooks.extend(getattr(p, "_backward_hooks", None) and p._backward_hooks.values() or ())
+            backward = getattr(p, "_backward_hooks", None)
+            hooks.extend(backward.values() if backward else ())
             post = getattr(p, "_post_accumulate_grad_hooks", None)
             hooks.extend(post.values() if post else ())
         hooks.extend(_global_hooks())
@@ -226,7 +227,7 @@ class _AttrState:
             for target in _hook_targets(fn):
                 self._value(target, "a hook's state", depth=1)
 
-    def _object(self, obj: Any, path: str, skip: frozenset, depth: int = 1) -> None:
+    def _object(self, obj: Any, path: str, skip: frozenset[str], depth: int = 1) -> None:
         """Save ``obj.__dict__``; its values are saved ``depth`` levels deep (see :meth:`_value`)."""
         if id(obj) in self._seen and not isinstance(obj, torch.Tensor):
             return
@@ -333,7 +334,9 @@ class SavedState:
         self.default_dtype = torch.get_default_dtype()
         self.rng = torch.get_rng_state()
         self.cuda_rng = (
-            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # initialized implies available
+            torch.cuda.get_rng_state_all()
+            if torch.cuda.is_initialized()  # type: ignore[no-untyped-call]  # initialized implies available
+            else None
         )
         self.py_rng = random.getstate()
         self.np_rng = NumpyGlobalRNG()
@@ -389,14 +392,18 @@ class SavedState:
 
     def restore(self) -> None:
         self._restore_tensors()
-        undo = [(g, saved) for _, g, saved in self.grads if saved is not None and not torch.equal(g, saved)]
+        undo = [
+            (g, saved)
+            for _, g, saved in self.grads
+            if g is not None and saved is not None and not torch.equal(g, saved)
+        ]
         if undo:
             with torch.no_grad():
                 for g, saved in undo:
                     g.copy_(saved)
-        for p, g, _ in self.grads:
-            if p.grad is not g:
-                p.grad = g
+        for p, grad, _ in self.grads:
+            if p.grad is not grad:
+                p.grad = grad
         self.attrs.restore()
         for m, mode in self.training:
             if m.training != mode:  # nn.Module.__setattr__ is slow; most modes did not change
@@ -427,7 +434,9 @@ class NumpyGlobalRNG:
         self.raw = self._raw()
         # the full state (a copy of the key, ~0.1 ms) is needed to restore; to watch for
         # draws the raw key and position suffice where the ctypes interface is usable
-        self.state = np.random.get_state() if full or self.raw is None else None
+        self.state: Optional[tuple[Any, ...]] = (
+            tuple(np.random.get_state(legacy=True)) if full or self.raw is None else None
+        )
 
     @classmethod
     def watch(cls) -> "NumpyGlobalRNG":
@@ -440,11 +449,12 @@ class NumpyGlobalRNG:
             try:
                 probe = np.random.RandomState(12345)
                 probe.random_sample(3)
-                _, key, pos, _, _ = probe.get_state()
+                _, key, pos, _, _ = probe.get_state(legacy=True)
                 import ctypes
 
                 raw = ctypes.string_at(probe._bit_generator.ctypes.state_address, cls._RAW_BYTES)
-                cls._raw_ok = raw == key.astype("<u4").tobytes() + int(pos).to_bytes(4, "little", signed=True)
+                key_bytes = np.asarray(key).astype("<u4").tobytes()
+                cls._raw_ok = raw == key_bytes + int(pos).to_bytes(4, "little", signed=True)
             except Exception:  # noqa: BLE001 - no ctypes interface: always restore
                 cls._raw_ok = False
         return cls._raw_ok
@@ -462,10 +472,16 @@ class NumpyGlobalRNG:
             return self._raw() != self.raw
         if self.state is None:  # pragma: no cover - state is kept whenever raw is None
             return False
-        now = np.random.get_state()
-        return bool(now[2] != self.state[2] or now[3] != self.state[3] or not np.array_equal(now[1], self.state[1]))
+        now = tuple(np.random.get_state(legacy=True))
+        return bool(
+            now[2] != self.state[2]
+            or now[3] != self.state[3]
+            or not np.array_equal(np.asarray(now[1]), np.asarray(self.state[1]))
+        )
 
     def restore(self) -> None:
+        if self.state is None:  # a watch-only snapshot (see watch()) cannot restore
+            return
         has_gauss = self.state[3]
         if self.raw is not None and not has_gauss and self._raw() == self.raw:
             return  # nothing drew from it

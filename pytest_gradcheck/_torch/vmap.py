@@ -24,7 +24,7 @@ def vmap_friendly_attention(device: torch.device) -> Iterator[None]:
         return
     # On CPU the choice is flash or math, so only the flash switch is flipped
     # (torch.nn.attention.sdpa_kernel flips every backend and costs ~40 us a call).
-    enabled = torch.backends.cuda.flash_sdp_enabled()
+    enabled = torch.backends.cuda.flash_sdp_enabled()  # type: ignore[no-untyped-call]
     torch.backends.cuda.enable_flash_sdp(False)
     try:
         yield
@@ -74,7 +74,7 @@ def vmap_friendly_rnn(enabled: bool) -> Iterator[None]:
     from torch.overrides import TorchFunctionMode
 
     class _RNNDecompositions(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             decomposed = table.get(func)
             # the ``.input`` overloads take has_biases (a bool) 4th; ``.data`` (packed) does not
@@ -84,7 +84,7 @@ def vmap_friendly_rnn(enabled: bool) -> Iterator[None]:
 
     mkldnn = torch.backends.mkldnn
     was_enabled = mkldnn.enabled
-    mkldnn.enabled = False  # only this flag: mkldnn.flags() would also reset its TF32 setting
+    mkldnn.enabled = False  # type: ignore[assignment]  # only this flag: mkldnn.flags() would also reset its TF32 setting
     try:
         with _RNNDecompositions():
             yield

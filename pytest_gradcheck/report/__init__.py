@@ -143,6 +143,8 @@ class GradEquivReport:
     broadcast_scope: str = "the loss"  # the code the broadcast guard watched
     #: every gradient was zero, or rounding noise (it vanished in float64): the check saw nothing
     vacuous: bool = False
+    #: under ``fuzz_gradequiv``: the smallest failing example Hypothesis found (shapes, sizes)
+    example: Optional[str] = None
     #: with ``per_sample=True``: ``{name: (B, *shape)}`` tensors, each sample's gradient run alone
     per_sample_gradients: Optional[dict[str, Any]] = field(default=None, repr=False)
 

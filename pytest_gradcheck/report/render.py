@@ -7,7 +7,7 @@ small table per parameter, the cause, then what to do. Pure Python.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 from . import Comparison, Finding, GradEquivReport
 from .format import close_to, columns, fmt_counts, fmt_factor, fmt_number, fmt_ratio, fmt_shape, fmt_weights
@@ -368,6 +368,8 @@ def _compared_with(report: GradEquivReport) -> str:
 def render(report: GradEquivReport) -> str:
     """Render ``report`` as text (the ``GradEquivError`` message, ``str(report)``)."""
     lines = [headline(report), "", _context_line(report)]
+    if report.example:
+        lines[:0] = [report.example, ""]
     w = report.working
     lines.append(
         f"Compared with {_compared_with(report)} "
@@ -411,6 +413,7 @@ def render(report: GradEquivReport) -> str:
         lines.append("")
         lines.append("What to do: " + advice[0])
         lines.extend("  " + a for a in advice[1:])
+    loop = _accumulation_advice(report) if report.check == "accumulation" and not report.passed else None
     notes = list(report.notes)
     if report.vacuous:
         notes.append(
@@ -437,4 +440,33 @@ def render(report: GradEquivReport) -> str:
         lines.append("")
         lines.append("Notes:")
         lines.extend(f"  - {n}" for n in notes)
+    if loop:  # how to write the accumulation loop, last: it is the fix
+        lines.append("")
+        lines.append(loop)
     return "\n".join(lines)
+
+
+def _accumulation_advice(report: GradEquivReport) -> Optional[str]:
+    """How to write the accumulation loop so that it gives the full-batch gradient."""
+    for f in report.findings:
+        if f.kind == "known-weights" and f.label:
+            what = f.label.removeprefix("their ")
+            if f.label.startswith("equal weights"):
+                return (
+                    "Accumulation: the full-batch gradient here is the plain mean of micro-batch "
+                    "losses: divide each micro-batch's loss by the number of micro-batches before "
+                    ".backward(), and declare weights=[1] * k."
+                )
+            return (
+                f"Accumulation: to reproduce the full-batch gradient, scale micro-batch k's loss by "
+                f"w_k / sum(w) before .backward(), with w_k = its {what}; dividing every loss by the "
+                "number of micro-batches (a plain mean of micro-batch means) is only right when all "
+                "micro-batches weigh the same. Declare that weighting with weights=... to make this "
+                "check pass."
+            )
+        if f.kind == "factor" and f.matched and f.matched.endswith("sum"):
+            return (
+                f"Accumulation: with k={report.batch_size} micro-batches the full-batch gradient is "
+                'their sum: do not divide the micro-batch losses by k (or declare reduction="sum").'
+            )
+    return None
