@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ._options import check_batch_sizes, validate_options
 from ._torch.inputs import (
+    IGNORE_INDEX,
     batch_size_of,
     check_model,
     leaf_paths,
@@ -47,8 +48,6 @@ __all__ = ["assert_accumulation_equiv", "assert_accumulation_equiv_step", "split
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
 MicroBatches = Union[int, Sequence[int]]
 MicroWeights = Union[None, torch.Tensor, Sequence[float], np.ndarray, Callable[[Any], Any]]
-
-_IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- public API
@@ -137,15 +136,11 @@ def assert_accumulation_equiv(
         ys = tuple(t[start:stop] for t in targets_t)
         return ys if targets_is_tuple else ys[0]
 
-    ignore = getattr(loss_fn, "ignore_index", _IGNORE_INDEX)
+    ignore = getattr(loss_fn, "ignore_index", IGNORE_INDEX)
 
     def candidates() -> list[tuple[str, np.ndarray]]:
-        out = _count_candidates(sizes)
-        for t in targets_t:
-            if _is_integer(t) and t.dim() >= 1 and bool((t == ignore).any()):
-                label = f"their number of non-ignored targets (targets != {ignore})"
-                out[1:1] = _token_candidates(t, bounds, ignore, label)
-        return out
+        named = [(f"their number of non-ignored targets (targets != {ignore})", t) for t in targets_t]
+        return _micro_candidates(sizes, bounds, named, ignore)
 
     problem = _MicroBatchProblem(
         model,
@@ -211,12 +206,8 @@ def assert_accumulation_equiv_step(
         return pytree.tree_unflatten([x[start:stop] if isinstance(x, torch.Tensor) else x for x in leaves], spec)
 
     def candidates() -> list[tuple[str, np.ndarray]]:
-        out = _count_candidates(sizes)
-        for path, leaf in zip(paths, leaves):
-            if isinstance(leaf, torch.Tensor) and _is_integer(leaf) and bool((leaf == _IGNORE_INDEX).any()):
-                label = f"their number of entries != {_IGNORE_INDEX} in {path}"
-                out[1:1] = _token_candidates(leaf, bounds, _IGNORE_INDEX, label)
-        return out
+        named = [(f"their number of entries != {IGNORE_INDEX} in {path}", leaf) for path, leaf in zip(paths, leaves)]
+        return _micro_candidates(sizes, bounds, named, IGNORE_INDEX)
 
     problem = _MicroBatchProblem(
         model,
@@ -306,6 +297,18 @@ def _token_candidates(
     out = [(label, _valid_counts(t, bounds, ignore))]
     if t.dim() == 2 and t.shape[1] > 1:
         out.append((shifted_label(ignore), _valid_counts(t, bounds, ignore, shift=True)))
+    return out
+
+
+def _micro_candidates(
+    sizes: Sequence[int], bounds: Sequence[tuple[int, int]], named: Sequence[tuple[str, Any]], ignore: int
+) -> list[tuple[str, np.ndarray]]:
+    """Weightings of micro-batches worth naming: their sizes, equal weights, and for every integer
+    tensor holding ``ignore`` its non-ignored entries per micro-batch (also after a causal shift)."""
+    out = _count_candidates(sizes)
+    for label, t in named:
+        if isinstance(t, torch.Tensor) and _is_integer(t) and t.dim() >= 1 and bool((t == ignore).any()):
+            out[1:1] = _token_candidates(t, bounds, ignore, label)
     return out
 
 
@@ -430,6 +433,8 @@ class _MicroBatchProblem(TorchProblem):
         extra_modules: Sequence[torch.nn.Module] = (),
         weight_candidates: Optional[Callable[[], list[tuple[str, np.ndarray]]]] = None,
     ) -> None:
+        self.sizes = list(sizes)
+        self.bounds = _bounds(self.sizes)
         super().__init__(
             model,
             build_step,
@@ -440,11 +445,10 @@ class _MicroBatchProblem(TorchProblem):
             extra_modules=extra_modules,
             weight_candidates=weight_candidates,
         )
-        self.n_samples = self.batch_size
-        self.sizes = list(sizes)
-        self.bounds = _bounds(self.sizes)
-        self.batch_size = len(self.sizes)
         self.reference_method = "micro-batches"
+
+    def _unit_count(self) -> int:
+        return len(self.sizes)  # the units are micro-batches
 
     def split_note(self) -> str:
         k = len(self.sizes)

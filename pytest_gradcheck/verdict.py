@@ -84,30 +84,24 @@ class GradientProblem(Protocol):
         ...
 
 
-def _raise_non_finite(side: "Side", what: str) -> None:
+def _raise_non_finite(side: "Side", what: str, why: str) -> None:
+    """A clear error naming the first parameter whose ``what`` has NaN or inf entries, and ``why``."""
     for name in side.g:
         if not side.finite(name):
             n_bad = side.non_finite(name)
             raise InvalidArgument(
                 f"the {what} of parameter {name!r} has {n_bad} non-finite entr"
-                f"{'y' if n_bad == 1 else 'ies'} (NaN or inf): gradients cannot be compared. "
-                "Check the inputs and the loss for overflow, log(0) or division by zero."
+                f"{'y' if n_bad == 1 else 'ies'} (NaN or inf){why}"
             )
 
 
-def _raise_reference_non_finite(side: "Side") -> None:
-    """A non-finite reference next to a finite batch gradient: the loss needs the whole batch."""
-    for name in side.g:
-        if not side.finite(name):
-            n_bad = side.non_finite(name)
-            raise InvalidArgument(
-                f"the per-sample reference gradient of parameter {name!r} has {n_bad} non-finite entr"
-                f"{'y' if n_bad == 1 else 'ies'} (NaN or inf) but the batch gradient is finite: the loss "
-                "(or the model) depends on the whole batch, most likely through a statistic over the batch "
-                "dimension (x.std(0), x.var(0), normalising by the batch), which is undefined for a batch of "
-                "one (the std of one sample is NaN), so per-sample gradients do not exist. Compute the "
-                "statistic per sample, or pass it in as a constant, to check the rest."
-            )
+_OVERFLOW = ": gradients cannot be compared. Check the inputs and the loss for overflow, log(0) or division by zero."
+_WHOLE_BATCH = (
+    " but the batch gradient is finite: the loss (or the model) depends on the whole batch, most likely "
+    "through a statistic over the batch dimension (x.std(0), x.var(0), normalising by the batch), which is "
+    "undefined for a batch of one (the std of one sample is NaN), so per-sample gradients do not exist. "
+    "Compute the statistic per sample, or pass it in as a constant, to check the rest."
+)
 
 
 def run_check(
@@ -139,10 +133,12 @@ def run_check(
         r, a = default_tolerances(problem.dtype if fixed else precision, rtol, atol)
         g = problem.batch_gradient(float64)
         g_side = Side(g, list(g))
-        _raise_non_finite(g_side, "batch gradient")  # before the reference is computed
+        _raise_non_finite(g_side, "batch gradient", _OVERFLOW)  # before the reference is computed
         s = problem.reference_gradient(coeffs, float64)
         pair = Pair(g, s, batch_side=g_side)
-        _raise_reference_non_finite(pair.r)  # the batch gradient is finite (checked above)
+        _raise_non_finite(
+            pair.r, "per-sample reference gradient", _WHOLE_BATCH
+        )  # the batch gradient is finite (checked above)
         total = float(coeffs.sum())
         # each hypothesis scales the one reference (1 for sum, 1/sum(c) for mean): no copies
         comps = {

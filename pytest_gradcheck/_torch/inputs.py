@@ -13,6 +13,9 @@ from torch.utils import _pytree as pytree
 from .._options import check_batch_sizes
 from ..errors import InvalidArgument, first_line
 
+#: the label value losses ignore by default (``F.cross_entropy``'s ``ignore_index``)
+IGNORE_INDEX = -100
+
 NamedModules = Sequence[tuple[str, torch.nn.Module]]  # model.named_modules(), walked once
 
 
@@ -228,7 +231,7 @@ def ignore_index_candidates(loss_fn: Any, targets: Sequence[torch.Tensor]) -> li
     models apply inside the model (``labels[:, 1:]``).
     """
     out: list[tuple[str, np.ndarray]] = []
-    ignore = getattr(loss_fn, "ignore_index", -100)
+    ignore = getattr(loss_fn, "ignore_index", IGNORE_INDEX)
     for t in targets:
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dim() < 1:
             continue

@@ -58,7 +58,8 @@ class TorchProblem:
         self.build_step = build_step
         self.batch = batch
         self._leaves, self._spec = pytree.tree_flatten(batch)
-        self.batch_size = batch_size_of(batch, allow_non_tensor, self._leaves)
+        self.n_samples = batch_size_of(batch, allow_non_tensor, self._leaves)
+        self.batch_size = self._unit_count()  # the units the reference runs alone: samples here
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise InvalidArgument("the model has no parameter that requires grad: there is no gradient to check")
@@ -99,6 +100,10 @@ class TorchProblem:
         self._batch_loss: dict[bool, torch.Tensor] = {}
         self._sample_losses: dict[bool, torch.Tensor] = {}
         check_sample_mixing(model, self._modules)
+
+    def _unit_count(self) -> int:
+        """How many units the reference runs alone (samples; micro-batches in a subclass)."""
+        return self.n_samples
 
     # -- set-up and tear-down -------------------------------------------------------------
     @contextlib.contextmanager
