@@ -142,7 +142,7 @@ def assert_accumulation_equiv(
         named = [(f"their number of non-ignored targets (targets != {ignore})", t) for t in targets_t]
         return _micro_candidates(sizes, bounds, named, ignore)
 
-    problem = _MicroBatchProblem(
+    problem = MicroBatchProblem(
         model,
         build,
         (inputs_t, targets_t),
@@ -209,7 +209,7 @@ def assert_accumulation_equiv_step(
         named = [(f"their number of entries != {IGNORE_INDEX} in {path}", leaf) for path, leaf in zip(paths, leaves)]
         return _micro_candidates(sizes, bounds, named, IGNORE_INDEX)
 
-    problem = _MicroBatchProblem(
+    problem = MicroBatchProblem(
         model,
         build,
         batch,
@@ -381,7 +381,7 @@ def _resolve_weights(
 
 
 def _run(
-    problem: "_MicroBatchProblem",
+    problem: "MicroBatchProblem",
     opts: dict[str, Any],
     weights: MicroWeights,
     micro_of: Callable[[int], Any],
@@ -413,7 +413,7 @@ def _run(
 # --------------------------------------------------------------------------- the problem
 
 
-class _MicroBatchProblem(TorchProblem):
+class MicroBatchProblem(TorchProblem):
     """A :class:`~pytest_gradcheck.verdict.GradientProblem` whose "samples" are micro-batches.
 
     The batch gradient is the full batch's (inherited); the reference runs each

@@ -363,13 +363,13 @@ def test_cuda_models_are_checked_on_their_device() -> None:
 def test_micro_batch_units_are_the_micro_batches_for_every_pass(float64: bool) -> None:
     """The per-unit gradients a diagnosis reads are those of each micro-batch run alone."""
     from pytest_gradcheck._torch.loss import loss_step_builder
-    from pytest_gradcheck.accumulation import _MicroBatchProblem
+    from pytest_gradcheck.accumulation import MicroBatchProblem
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
     x, y = torch.randn(10, 3), torch.randn(10, 1)
     build = loss_step_builder(F.mse_loss, has_targets=True, targets_is_tuple=False)
-    problem = _MicroBatchProblem(model, build, ((x,), (y,)), [4, 3, 3], watch_broadcast=False, allow_non_tensor=False)
+    problem = MicroBatchProblem(model, build, ((x,), (y,)), [4, 3, 3], watch_broadcast=False, allow_non_tensor=False)
     per_unit = problem.per_sample_gradients(float64)
     for k, (a, b) in enumerate([(0, 4), (4, 7), (7, 10)]):
         assert problem.sample(k)[0][0].shape == (b - a, 3)
