@@ -77,7 +77,7 @@ class StepModule(torch.nn.Module):
 @contextlib.contextmanager
 def default_dtype(float64: bool) -> Iterator[None]:
     """float64 as torch's default dtype inside, if ``float64``; otherwise the default is left alone
-    (setting it, even to its own value, costs about 0.1 ms in a check)."""
+    (setting it, even to its own value, has a cost on every check)."""
     if not float64:
         yield
         return

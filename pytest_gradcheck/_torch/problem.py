@@ -272,7 +272,7 @@ class TorchProblem:
 
         On the passing path the dropout functions are swapped for neutral ones
         (:class:`DropoutOff`, no cost per op); once a check fails, every op is watched
-        (:class:`NeutralDropout`, ~1.5 us an op) so that random ops are named.
+        (:class:`NeutralDropout`, a Python call per op) so that random ops are named.
         """
         if not self._watch_ops:
             yield  # DropoutOff is on for the whole check (prepared())
@@ -501,7 +501,7 @@ class TorchProblem:
         c: torch.Tensor,
     ) -> Sequence[Optional[torch.Tensor]]:
         # Each tensor is viewed as (B, 1, ...) before vmap, so every sample arrives as a batch
-        # of one without a batched unsqueeze per input (each op under vmap costs ~20 us).
+        # of one without a batched unsqueeze per input (every op under vmap has a cost).
         in_dims: Any = tuple(0 if isinstance(x, torch.Tensor) else None for x in leaves)
         if all(d == 0 for d in in_dims):
             in_dims = 0  # vmap broadcasts a plain 0 to the leaves faster than it matches a tuple
@@ -568,9 +568,9 @@ class TorchProblem:
         """The gradients as one flat NumPy buffer with per-parameter views (see FlatGrads).
 
         For the model's own CPU parameters NumPy concatenates the gradients straight
-        from their shared memory (measured: 37 us against torch.cat's 98 us for the
-        36K-entry MLP, right after a matmul); otherwise one ``torch.cat`` and one
-        device-to-host copy. float16/bfloat16 widen to float32.
+        from their shared memory (cheaper than ``torch.cat``, see benchmarks/README.md);
+        otherwise one ``torch.cat`` and one device-to-host copy. float16/bfloat16 widen
+        to float32.
         """
         # params is self.params: the model's own parameters (the float64 re-check passes copies)
         if self._numpy_concat and params is self.params:

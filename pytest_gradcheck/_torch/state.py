@@ -432,7 +432,7 @@ class NumpyGlobalRNG:
 
     def __init__(self, full: bool = True) -> None:
         self.raw = self._raw()
-        # the full state (a copy of the key, ~0.1 ms) is needed to restore; to watch for
+        # the full state (a copy of the whole key: slow) is needed to restore; to watch for
         # draws the raw key and position suffice where the ctypes interface is usable
         self.state: Optional[tuple[Any, ...]] = (
             tuple(np.random.get_state(legacy=True)) if full or self.raw is None else None

@@ -14,8 +14,7 @@ def vmap_friendly_attention(device: torch.device) -> Iterator[None]:
     """On CPU, run scaled_dot_product_attention with the MATH kernel inside vmap.
 
     vmap has no batching rule for the CPU flash-attention kernel and silently
-    falls back to a loop over samples (measured: 6x slower than a training step
-    for a transformer block at B=256); the math kernel is plain matmul/softmax,
+    falls back to a loop over samples (see benchmarks/README.md); the math kernel is plain matmul/softmax,
     which vmap batches. Each sample is still run alone. (CUDA kernels have
     batching rules and are left alone.)
     """
@@ -23,7 +22,7 @@ def vmap_friendly_attention(device: torch.device) -> Iterator[None]:
         yield
         return
     # On CPU the choice is flash or math, so only the flash switch is flipped
-    # (torch.nn.attention.sdpa_kernel flips every backend and costs ~40 us a call).
+    # (torch.nn.attention.sdpa_kernel flips every backend, at a cost on every call).
     enabled = torch.backends.cuda.flash_sdp_enabled()  # type: ignore[no-untyped-call]
     torch.backends.cuda.enable_flash_sdp(False)
     try:
@@ -62,7 +61,7 @@ def vmap_friendly_rnn(enabled: bool) -> Iterator[None]:
     so without this a model with a GRU falls back to the per-sample loop (about
     as slow as B training steps). torch's decompositions of those ops are plain
     matmuls and pointwise ops, which vmap batches; each sample is still run alone
-    (measured: GRU reference about 2x a training step instead of 54x). oneDNN is
+    (see benchmarks/README.md for the figures). oneDNN is
     switched off meanwhile: on CPU the LSTM decomposition would otherwise call
     ``mkldnn_rnn_layer``, which has no batching rule either. Packed sequences
     (the ``.data`` overloads) are passed through unchanged.
