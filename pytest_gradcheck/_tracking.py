@@ -15,23 +15,31 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator
+from typing import Iterator, Protocol
+
+
+class CheckRecord(Protocol):
+    """What the plugin reads from a check's report: whether it passed (the rest through ``getattr``)."""
+
+    @property
+    def passed(self) -> bool: ...
+
 
 _lock = threading.Lock()
-_scopes: list[list[Any]] = []  # the open scopes, innermost last
+_scopes: list[list[CheckRecord]] = []  # the open scopes, innermost last
 
 
-def record(report: Any) -> None:
-    """Note that a check ran (``report`` is its GradEquivReport), from any thread."""
+def record(report: CheckRecord) -> None:
+    """Note that a check ran (``report`` is its report: a GradEquivReport or another check's), from any thread."""
     with _lock:
         for scope in _scopes:
             scope.append(report)
 
 
 @contextlib.contextmanager
-def collecting() -> Iterator[list[Any]]:
+def collecting() -> Iterator[list[CheckRecord]]:
     """Collect the reports of the checks run, in any thread, while the ``with`` block is open."""
-    scope: list[Any] = []
+    scope: list[CheckRecord] = []
     with _lock:
         _scopes.append(scope)
     try:

@@ -36,12 +36,12 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _tracking
 from ._options import check_batch_sizes, check_tolerance
 from ._torch.inputs import check_model
 from ._torch.problem import check_sample_mixing
 from ._torch.randomness import NeutralDropout
 from ._torch.state import SavedState, disable_dropout_modules
+from ._tracking import record as record_check
 from .compare import default_tolerances
 from .errors import BatchLeakError, GradEquivError, InvalidArgument, UnsupportedModelError, first_line
 from .report.independence import (
@@ -159,7 +159,7 @@ def assert_batch_independent(
         report.dropout_disabled = tuple(dropout) + functional
     finally:
         saved.restore()
-    _tracking.record(report)
+    record_check(report)
     if not report.passed:
         raise BatchLeakError(report)
     return report

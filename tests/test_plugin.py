@@ -100,47 +100,6 @@ def test_sum_bug_report_names_the_factor(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*the batch gradient is the SUM of per-sample gradients*B=20 times the mean*"])
 
 
-def test_marker_overrides_cli_overrides_ini(pytester: pytest.Pytester) -> None:
-    pytester.makeini(
-        """
-        [pytest]
-        gradequiv_rtol = 1e-2
-        gradequiv_atol = 1e-9
-        gradequiv_broadcast = error
-        """
-    )
-    write_tests(
-        pytester,
-        """
-        def test_cli_and_ini(gradequiv):
-            opts = gradequiv.options()
-            assert opts["rtol"] == 1e-3          # --gradequiv-rtol beats the ini file
-            assert opts["atol"] == 1e-9          # ini
-            assert opts["broadcast"] == "error"  # ini
-
-        @pytest.mark.gradequiv(rtol=1e-5, broadcast="off")
-        def test_marker(gradequiv):
-            opts = gradequiv.options()
-            assert opts["rtol"] == 1e-5 and opts["broadcast"] == "off"
-            assert gradequiv.options(rtol=0.5)["rtol"] == 0.5  # the call beats the marker
-            gradequiv(mlp(), F.mse_loss, torch.randn(4, 3), torch.randn(4, 1))
-        """,
-    )
-    result = pytester.runpytest("--gradequiv-rtol=1e-3", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
-
-
-def test_defaults_without_any_setting(pytester: pytest.Pytester) -> None:
-    write_tests(
-        pytester,
-        """
-        def test_defaults(gradequiv):
-            assert gradequiv.options() == {"broadcast": "warn"}
-        """,
-    )
-    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
-
-
 def test_marked_test_that_checks_nothing_fails(pytester: pytest.Pytester) -> None:
     write_tests(
         pytester,
@@ -156,48 +115,6 @@ def test_marked_test_that_checks_nothing_fails(pytester: pytest.Pytester) -> Non
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*test_forgot is marked gradequiv but ran no gradient check*"])
-
-
-def test_bad_marker_option_is_reported(pytester: pytest.Pytester) -> None:
-    write_tests(
-        pytester,
-        """
-        @pytest.mark.gradequiv(rtl=1e-3)
-        def test_typo(gradequiv):
-            gradequiv(mlp(), F.mse_loss, torch.randn(4, 3), torch.randn(4, 1))
-
-        @pytest.mark.gradequiv(reduction="avg")
-        def test_bad_value(gradequiv):
-            gradequiv(mlp(), F.mse_loss, torch.randn(4, 3), torch.randn(4, 1))
-        """,
-    )
-    result = pytester.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines(
-        [
-            "*Unknown gradequiv option(s) 'rtl' from the gradequiv marker on test_user.py::test_typo*",
-            "*Invalid reduction='avg' from the gradequiv marker on test_user.py::test_bad_value*",
-        ]
-    )
-
-
-@pytest.mark.parametrize(
-    "args, ini, message",
-    [
-        (["--gradequiv-rtol=abc"], None, "*Invalid gradequiv_rtol='abc' from --gradequiv-rtol*"),
-        (["--gradequiv-atol=-1"], None, "*Invalid gradequiv_atol='-1' from --gradequiv-atol*"),
-        (["--gradequiv-broadcast=loud"], None, "*invalid choice: 'loud'*"),
-        ([], "gradequiv_rtol = lots", "*Invalid rtol='lots' from ini option gradequiv_rtol*"),
-        ([], "gradequiv_broadcast = loud", "*Invalid broadcast='loud' from ini option gradequiv_broadcast*"),
-    ],
-)
-def test_bad_option_values_fail_at_startup(pytester: pytest.Pytester, args: list, ini, message: str) -> None:
-    if ini:
-        pytester.makeini(f"[pytest]\n{ini}\n")
-    pytester.makepyfile(test_x="def test_x():\n    pass\n")
-    result = pytester.runpytest(*args, "-p", "no:cacheprovider")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([message])
 
 
 def test_works_under_hypothesis_given_without_health_check(pytester: pytest.Pytester) -> None:

@@ -116,13 +116,13 @@ def test_recording_from_another_thread_reaches_the_open_scope() -> None:
     import threading
     import types
 
-    from pytest_gradcheck import _tracking
+    from pytest_gradcheck._tracking import collecting, record
 
     report = types.SimpleNamespace(passed=True)  # the plugin's own scope around this test sees it too
-    with _tracking.collecting() as reports:
-        worker = threading.Thread(target=_tracking.record, args=(report,))
+    with collecting() as reports:
+        worker = threading.Thread(target=record, args=(report,))
         worker.start()
         worker.join()
     assert reports == [report]
-    _tracking.record(report)  # after the scope closed: not in it
+    record(report)  # after the scope closed: not in it
     assert reports == [report]
