@@ -29,7 +29,6 @@ from torch.utils import _pytree as pytree
 
 from ._options import check_batch_sizes, validate_options
 from ._torch.inputs import (
-    IGNORE_INDEX,
     batch_size_of,
     check_model,
     leaf_paths,
@@ -39,6 +38,7 @@ from ._torch.inputs import (
 )
 from ._torch.loss import as_scalar_loss, loss_step_builder
 from ._torch.problem import TorchProblem
+from .diagnosis import IGNORE_INDEX
 from .errors import GradEquivError, InvalidArgument, first_line
 from .report import GradEquivReport
 from .verdict import run_check

@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from .compare import Pair, compare_gradients
 
+#: the label value losses ignore by default (``F.cross_entropy``'s ``ignore_index``), used to name
+#: token-count weightings by every backend
+IGNORE_INDEX = -100
+
 #: Per-sample gradient matrices larger than this many entries are not built
 #: for the diagnosis (the weights a failing batch gradient uses are then not
 #: inferred; the verdict is unaffected).

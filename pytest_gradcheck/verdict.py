@@ -104,6 +104,12 @@ _WHOLE_BATCH = (
 )
 
 
+def _run_notes(problem: GradientProblem, passed: bool) -> list[str]:
+    """What the problem has to say about its runs, once the verdict is known (``run_notes(passed)``)."""
+    run_notes = getattr(problem, "run_notes", None)
+    return list(run_notes(passed)) if run_notes is not None else []
+
+
 def run_check(
     problem: GradientProblem,
     *,
@@ -197,7 +203,7 @@ def run_check(
         dropout_disabled=tuple(problem.dropout_disabled),
         broadcasts=tuple(problem.broadcasts),
         broadcast_scope=getattr(problem, "broadcast_scope", "the loss"),
-        notes=[*notes, *filter(None, [getattr(problem, "random_note", None)])],
+        notes=[*notes, *_run_notes(problem, matched is not None)],
         weights=tuple(float(x) for x in coeffs) if weighted else None,
         vacuous=vacuous and matched is not None,
     )
@@ -216,7 +222,7 @@ def run_check(
         (
             f"{f.matched} (unweighted)" if f.kind == "unweighted" else f.matched
             for f in report.findings
-            if f.kind in ("factor", "known-weights", "unweighted") and f.matched
+            if f.matched and f.kind != "grad-sample"
         ),
         None,
     )

@@ -1,7 +1,8 @@
 """``assert_ddp_equiv``: one DDP step against the single-process full-batch gradient.
 
 Every check starts real processes (gloo over 127.0.0.1). The first one also starts the
-forkserver (torch imported once, seconds); the later ones take well under a second each.
+forkserver (torch imported once); the later ones fork from it (benchmarks/README.md has the
+figures).
 The model factories and losses are module-level functions of this file: the ranks import
 this module to unpickle them.
 """
@@ -23,7 +24,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pytest_gradcheck import GradEquivError, InvalidArgument, assert_ddp_equiv, ddp
+from pytest_gradcheck import GradEquivError, InvalidArgument, assert_ddp_equiv, assert_gradequiv_step, ddp
+from pytest_gradcheck.report import Comparison, Finding, GradEquivReport, ParamComparison
+from pytest_gradcheck.report import ddp as report_ddp
+from pytest_gradcheck.report.ddp import (
+    BatchNormPerRank,
+    DDPRun,
+    MicroBatchWeighting,
+    NotRankAverage,
+    RankAverage,
+    RanksDisagree,
+    RankSpread,
+    RerunFailed,
+    SamplerPadding,
+    ScaledGradient,
+    ShardCoverage,
+    ShardSizeWeighting,
+    UnusedParameters,
+    run_notes,
+    scale_cause,
+)
 
 GLOBAL_BATCH = 8
 
@@ -59,6 +79,14 @@ class WithUnusedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.used(x)
+
+
+def make_classifier() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+#: a loss module with float32 state of its own (the class weights)
+WEIGHTED_CROSS_ENTROPY = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
 
 
 def make_pid_dependent_mlp() -> nn.Module:
@@ -152,14 +180,14 @@ def assert_no_ranks_left() -> None:
 def used_ports(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The rendezvous ports the checks of one test listened on."""
     ports: list[int] = []
-    original = ddp._listening_socket
+    original = ddp.launch.listening_socket
 
     def recording() -> socket.socket:
         sock = original()
         ports.append(sock.getsockname()[1])
         return sock
 
-    monkeypatch.setattr(ddp, "_listening_socket", recording)
+    monkeypatch.setattr(ddp.launch, "listening_socket", recording)
     return ports
 
 
@@ -221,7 +249,12 @@ def test_per_rank_mean_over_uneven_shards_names_the_weighting() -> None:
     assert "float64 re-check: the mismatch survives" in text
     report = info.value.report
     assert not report.passed and report.check == "ddp"
-    assert [f.kind for f in report.findings] == ["unidentifiable"]
+    # the cause as figures (the renderer says them in words), with the shared kind of a weighting
+    assert [type(f) for f in report.findings] == [ShardSizeWeighting]
+    (finding,) = report.findings
+    assert finding.kind == "known-weights"
+    assert (finding.sizes, finding.world_size, finding.batch_size) == ((5, 3), 2, 8)
+    assert finding.weights == pytest.approx([0.8] * 5 + [8 / 6] * 3)
     assert report.would_match and "shard-size-weighted" in report.would_match
 
 
@@ -274,6 +307,18 @@ def test_unused_parameters_without_find_unused_parameters_are_named() -> None:
     assert "parameters with no gradient after the step (counted as zero): unused.bias, unused.weight" in str(report)
 
 
+def test_a_loss_module_runs_in_float64_for_the_recheck_as_in_every_check() -> None:
+    """The ranks and the reference run the package's one loss call: in the float64 re-check a loss
+    module runs on a float64 copy (its float32 class weights included), as in assert_gradequiv.
+    DDP's own copy of the loss call used the module as is, and the re-check failed on the dtypes."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    with pytest.raises(GradEquivError) as info:
+        assert_ddp_equiv(make_classifier, WEIGHTED_CROSS_ENTROPY, X, labels, shards=UNEVEN)
+    text = str(info.value)
+    assert "float64 re-check: the mismatch survives" in text
+    assert "could not run" not in text
+
+
 def test_a_non_deterministic_factory_is_checked_from_rank_0s_parameters() -> None:
     report = assert_ddp_equiv(make_pid_dependent_mlp, F.mse_loss, X, Y)
     text = str(report)
@@ -324,6 +369,18 @@ def test_bad_arguments_are_rejected_before_any_process_starts(kwargs: dict[str, 
     assert message in str(info.value)
 
 
+def test_a_step_batch_is_sized_by_the_rule_every_check_shares() -> None:
+    """The step form's batch goes through the shared batch-size helper: the same refusals, in the
+    same words, as assert_gradequiv_step (DDP used to say "nothing to shard over the ranks")."""
+    for batch in ({"tag": "no tensor"}, {"x": X[:1], "y": Y[:1], "tag": "a batch of one"}):
+        with pytest.raises(InvalidArgument) as ours:
+            assert_ddp_equiv(make_mlp, None, batch, step_fn=training_step, world_size=1)
+        with pytest.raises(InvalidArgument) as shared:
+            assert_gradequiv_step(training_step, make_mlp(), batch)
+        assert str(ours.value) == str(shared.value)
+    assert multiprocessing.active_children() == []
+
+
 def test_a_non_scalar_loss_is_rejected_in_the_parent() -> None:
     with pytest.raises(InvalidArgument, match=r"has shape \(8, 1\), not a scalar"):
         assert_ddp_equiv(make_mlp, nn.L1Loss(reduction="none"), X, Y)
@@ -356,7 +413,7 @@ def test_a_rank_that_never_finishes_times_out_and_nothing_is_left_behind(used_po
     )
     assert "The child processes were stopped" in text
     assert 1 in info.value.ranks_pending
-    assert elapsed < 5 + ddp._TERM_GRACE + 5
+    assert elapsed < 5 + ddp.launch.TERM_GRACE + 5
     assert_no_ranks_left()
     assert_port_free(used_ports[-1])
     # and the next check runs as usual
@@ -378,6 +435,139 @@ def test_keyboard_interrupt_stops_the_ranks(monkeypatch: pytest.MonkeyPatch) -> 
         assert_ddp_equiv(make_mlp, hangs_on_rank_1, X, Y, timeout=30)
     monkeypatch.undo()
     assert_no_ranks_left()
+
+
+# --------------------------------------------------------------------------- the words, from figures alone
+
+
+def ddp_report(*findings: Finding, float64_error: str | None = None) -> GradEquivReport:
+    params = (ParamComparison("0.weight", (4, 3), 1.0, 0.5, 1e-4, 0.9, 1.2, 12, 12),)
+    report = GradEquivReport(
+        passed=False,
+        check="ddp",
+        backend="torch",
+        batch_size=8,
+        dtype="float32",
+        device="cpu",
+        reduction="mean",
+        weighted=False,
+        matched=None,
+        working=Comparison("mean", "float32", 1e-4, 0.0, params, 1.0),
+        float64_error=float64_error,
+    )
+    report.findings = findings
+    return report
+
+
+def scaled(factor: float, world_size: int, micro_batches: int) -> ScaledGradient:
+    cause = scale_cause(factor, world_size, micro_batches)
+    return ScaledGradient(factor=factor, world_size=world_size, micro_batches=micro_batches, cause=cause)
+
+
+@pytest.mark.parametrize(
+    ("finding", "words"),
+    [
+        (
+            scaled(2.0, 2, 2),
+            "no_sync() accumulation over 2 micro-batches sums their gradients: the DDP gradient is 2 times "
+            "the full-batch gradient (the 1/2 is missing); divide each micro-batch loss by 2",
+        ),
+        (scaled(0.5, 2, 1), "but the loss is a sum over each rank's shard: the DDP gradient is 1/2 of the full-batch"),
+        (scaled(0.5, 4, 2), "the 2 micro-batch gradients are summed (1/2 missing) and DDP averages over world_size=4"),
+        (scaled(-1.0, 2, 1), "the DDP gradient has the opposite sign of the full-batch gradient (factor -1)."),
+        (scaled(3.0, 2, 1), "the DDP gradient is 3 times the full-batch gradient (world_size=2, micro_batches=1)"),
+        (
+            ShardSizeWeighting(sizes=(5, 3), world_size=2, batch_size=8),
+            "a sample counts 1/10 on a rank with 5, 1/6 on a rank with 3 instead of 1/8",
+        ),
+        (
+            SamplerPadding(repeated=(0,), world_size=2, batch_size=7, padded=8),
+            "DistributedSampler repeated samples [0] to even out the shards (7 samples over 2 ranks are padded to 8)",
+        ),
+        (MicroBatchWeighting(sizes=((2, 1, 1), (3, 2))), "different sizes (rank 0: 2+1+1; rank 1: 3+2)"),
+        (BatchNormPerRank(modules=(("model.1", "BatchNorm1d"),)), "model.1 (BatchNorm1d) is in train mode"),
+        (
+            BatchNormPerRank(modules=(("model.1", "BatchNorm1d"), ("model.4", "BatchNorm2d"))),
+            "model.1 (BatchNorm1d) and model.4 (BatchNorm2d) are in train mode",
+        ),
+        (
+            ShardCoverage(unseen=(7,), repeated=(3,)),
+            "the shards do not hold each sample once: samples [7] are on no rank; samples [3] are on more than one",
+        ),
+        (
+            RanksDisagree(spread=RankSpread(1, "2.weight", 0.5)),
+            "ranks disagree with each other: after DDP's all-reduce every rank must hold the same gradient, but "
+            "rank 1's gradient of '2.weight' differs from rank 0's (max abs diff 5.00e-01)",
+        ),
+        (
+            UnusedParameters(names=tuple(f"p{i}" for i in range(8))),
+            "parameters p0, p1, p2, p3, p4, p5 ... get no gradient in the step, and DDP was not told",
+        ),
+        (RankAverage(), "the DDP gradient is the average of what the ranks' own losses give, but"),
+        (NotRankAverage(), "the DDP gradient is not the average of the ranks' own gradients"),
+        (RerunFailed(error="ValueError: boom"), "could not be re-run one at a time for a diagnosis: ValueError: boom"),
+    ],
+)
+def test_each_ddp_cause_is_said_from_its_figures(finding: Finding, words: str) -> None:
+    text = str(ddp_report(finding))
+    cause = next(line for line in text.splitlines() if line.startswith("Cause: "))
+    assert words in cause
+    assert "What to do" not in text  # each DDP sentence carries its own fix
+
+
+def test_ddp_findings_keep_the_shared_kinds_the_verdict_reads() -> None:
+    """A scale and a reweighting keep the shared kinds, so run_check takes would_match from them."""
+    assert (scaled(2.0, 2, 2).kind, scaled(2.0, 2, 2).matched) == ("factor", "2 × the full-batch gradient")
+    assert scaled(0.5, 4, 2).matched == "2/4 × the full-batch gradient"
+    assert scaled(1.5, 2, 1).matched == "1.5 × the full-batch gradient"
+    assert ShardSizeWeighting().kind == SamplerPadding().kind == MicroBatchWeighting().kind == "known-weights"
+    assert {RanksDisagree().kind, BatchNormPerRank().kind, ShardCoverage().kind} == {
+        "ddp-ranks-disagree",
+        "ddp-batchnorm",
+        "ddp-shard-coverage",
+    }
+
+
+def test_a_failed_float64_recheck_is_the_only_ddp_advice() -> None:
+    text = str(ddp_report(RankAverage(), float64_error="RuntimeError: the float64 DDP step failed"))
+    assert "What to do: the float64 re-check could not run, so rounding cannot be ruled out" in text
+
+
+def test_the_notes_of_a_ddp_run() -> None:
+    run = DDPRun(
+        world_size=5,
+        backend="gloo",
+        shards=((0, 1), (2, 3), (4, 5), (6, 7), (8, 0)),
+        shard_source="sampler",
+        micro_batches=2,
+        batch_size=9,
+        inferred_reduction="sum",
+        repeated=(0,),
+        init_differs=(1, 3),
+        reference_from_rank0=True,
+        no_gradient=("a", "b"),
+        dropout=("model.1",),
+        spread=RankSpread(2, "fc.bias", 1e-9),
+    )
+    assert run_notes(run) == [
+        "the loss is a sum over the batch (inferred: doubling the batch doubles it).",
+        "DDP step on 5 ranks (gloo), shards of 2, 2, 2, 2 and 2 samples (DistributedSampler(shuffle=False, "
+        "drop_last=False): [0, 1]; [2, 3]; [4, 5]; [6, 7]; ...), 2 micro-batches per rank accumulated under "
+        "no_sync() (the last one synchronised), each loss back-propagated as is.",
+        "DistributedSampler repeated samples [0] to even out the shards (9 samples padded to 10).",
+        "the ranks built different initial parameters (ranks 1 and 3 differ from rank 0 after "
+        "torch.manual_seed(0); make_model() is not deterministic): DDP broadcast rank 0's at construction.",
+        "make_model() built different initial parameters here than in rank 0; the reference starts from "
+        "rank 0's, which DDP broadcast to every rank.",
+        "parameters with no gradient after the step (counted as zero): a, b",
+        "dropout was switched off in every rank and in the reference (random masks differ between processes): model.1.",
+        "the ranks' gradients are not bitwise identical after the all-reduce: rank 2's gradient of 'fc.bias' "
+        "differs from rank 0's (max abs diff 1.00e-09).",
+    ]
+    one = DDPRun(
+        world_size=1, backend="gloo", shards=((0, 1),), shard_source="contiguous", micro_batches=1, batch_size=2
+    )
+    assert run_notes(one) == ["DDP step on 1 rank (gloo), shards of 2 samples (contiguous split: [0, 1])."]
 
 
 # --------------------------------------------------------------------------- inside pytest
@@ -412,7 +602,7 @@ def test_factories_from_a_module_not_importable_by_name(tmp_path: Any) -> None:
     sys.modules["gradcheck_user_models"] = module
     try:
         spec.loader.exec_module(module)
-        assert ddp._modules_to_ship({"gradcheck_user_models"}) == [("gradcheck_user_models", str(path))]
+        assert ddp.launch.modules_to_ship({"gradcheck_user_models"}) == [("gradcheck_user_models", str(path))]
         assert assert_ddp_equiv(module.make_model, F.mse_loss, X, Y).passed
     finally:
         del sys.modules["gradcheck_user_models"]
@@ -426,7 +616,7 @@ def _plugin_args() -> list[str]:
 def test_test_module_factories_under_xdist_importlib_mode_and_spawn(pytester: pytest.Pytester) -> None:
     """Spawned ranks import the user's test module by file when it is not importable by name.
 
-    One rank only: a spawned rank imports torch itself (seconds on a shared CPU); the
+    One rank only: a spawned rank imports torch itself (benchmarks/README.md has the cost); the
     forkserver path is the one every other test here takes.
     """
     pytester.makepyfile(test_user_ddp=PYTESTER_FILE)
@@ -437,5 +627,6 @@ def test_test_module_factories_under_xdist_importlib_mode_and_spawn(pytester: py
 
 
 def test_docstrings() -> None:
-    failures, _ = doctest.testmod(ddp, optionflags=doctest.ELLIPSIS)
-    assert failures == 0
+    for module in (ddp, ddp.check, report_ddp):
+        failures, _ = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert failures == 0

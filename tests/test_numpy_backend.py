@@ -1,8 +1,14 @@
-"""Tests of the NumPy backend: per-sample equivalence, broadcast tracking, finite differences."""
+"""Tests of the NumPy backend's per-sample check: the verdict, the caller's arrays, bad input.
+
+Broadcast detection is tested in test_numpy_tracking.py, the finite-difference check in
+test_finite_differences.py.
+"""
 
 from __future__ import annotations
 
-import os
+import ast
+import doctest
+import pathlib
 import subprocess
 import sys
 import warnings
@@ -10,69 +16,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy_nets import make_net, net_grad, net_loss, summed_grad
 
 from pytest_gradcheck import (
-    BroadcastError,
-    BroadcastWarning,
     GradEquivError,
     InvalidArgument,
     _tracking,
-    allow_broadcast,
     assert_grad_numpy,
+    assert_gradequiv,
     assert_gradequiv_numpy,
 )
-from pytest_gradcheck.numpy_backend import FiniteDifferenceReport, TrackedArray
-
-THIS_FILE = os.path.abspath(__file__)
-BASENAME = os.path.basename(__file__)
-
-
-def _line_of(marker: str) -> int:
-    """Line number of the (only) line of this file that ends with ``marker``."""
-    with open(THIS_FILE, encoding="utf-8") as f:
-        hits = [i for i, line in enumerate(f, 1) if line.rstrip().endswith(marker)]
-    if len(hits) != 1:
-        raise LookupError(f"marker {marker!r} found {len(hits)} times")
-    return hits[0]
-
-
-# --------------------------------------------------------------------------- a hand-written net
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-z))
-
-
-def make_net(b: int, dtype: Any = np.float64, d: int = 5, h: int = 7, o: int = 3, seed: int = 0) -> tuple:
-    rng = np.random.default_rng(seed)
-    params = {
-        "W1": rng.normal(size=(d, h)).astype(dtype),
-        "b1": (rng.normal(size=h) * 0.1).astype(dtype),
-        "W2": rng.normal(size=(h, o)).astype(dtype),
-        "b2": (rng.normal(size=o) * 0.1).astype(dtype),
-    }
-    return params, rng.normal(size=(b, d)).astype(dtype), rng.normal(size=(b, o)).astype(dtype)
-
-
-def net_loss(p: dict, x: np.ndarray, y: np.ndarray) -> float:
-    """Mean over the batch of 0.5 * ||sigmoid(sigmoid(x W1 + b1) W2 + b2) - y||^2."""
-    out = sigmoid(sigmoid(x @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"])
-    return float(0.5 * np.sum((out - y) ** 2) / len(x))
-
-
-def net_grad(p: dict, x: np.ndarray, y: np.ndarray, *, summed: bool = False, bad_sigmoid: bool = False) -> dict:
-    h = sigmoid(x @ p["W1"] + p["b1"])
-    out = sigmoid(h @ p["W2"] + p["b2"])
-    d_out = out - y if summed else (out - y) / len(x)
-    d_z2 = d_out * out * (1 - out)
-    d_h = d_z2 @ p["W2"].T
-    d_z1 = d_h * h * (1 + h) if bad_sigmoid else d_h * h * (1 - h)
-    return {"W1": x.T @ d_z1, "b1": d_z1.sum(axis=0), "W2": h.T @ d_z2, "b2": d_z2.sum(axis=0)}
-
-
-def summed_grad(p: dict, x: np.ndarray, y: np.ndarray) -> dict:
-    return net_grad(p, x, y, summed=True)
-
 
 # --------------------------------------------------------------------------- the verdict
 
@@ -172,6 +125,58 @@ def test_weighted_mean() -> None:
         assert_gradequiv_numpy(grad, w, x, (y, sw))
 
 
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (np.ones((6, 1)), "weights has shape (6, 1): expected one weight per sample, (6,)"),
+        (np.ones((3, 2)), "weights has shape (3, 2): expected one weight per sample, (6,)"),
+        ([1.0, 2.0], "weights has shape (2,): expected one weight per sample, (6,)"),
+        ("abc", "weights is a str: pass one number per sample"),
+        ({"a": 1.0}, "weights is a dict: pass one number per sample"),
+        ([1.0, "x", 1, 1, 1, 1], "weights cannot be read as numbers (ValueError"),
+        ([1.0, -1.0, 1, 1, 1, 1], "weights must be finite and >= 0"),
+        ([0.0] * 6, "weights sum to 0"),
+        (lambda y: np.ones(3), "weights(sample 0) returned an array of shape (3,): the weights callable must return"),
+        (lambda y: None, "weights(sample 0) returned a NoneType"),
+        (lambda y: "2", "weights(sample 0) returned a str"),
+    ],
+)
+def test_weights_are_refused_as_the_torch_check_refuses_them(weights: Any, message: str) -> None:
+    # one rule for both backends (_torch.inputs.resolve_weights): a (B, 1) column is no longer
+    # flattened by the NumPy check, and a callable must return one number
+    rng = np.random.default_rng(3)
+    w, x, y = rng.normal(size=(3, 1)), rng.normal(size=(6, 3)), rng.normal(size=(6, 1))
+    with pytest.raises(InvalidArgument) as info:
+        assert_gradequiv_numpy(lambda w, x, y: x.T @ (x @ w - y) / len(x), w, x, y, weights=weights)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [np.ones((6, 1)), [1.0, 2.0], "abc", [1.0, -1.0, 1, 1, 1, 1], [0.0] * 6, lambda y: np.ones(3), lambda y: None],
+)
+def test_weights_errors_read_the_same_in_both_backends(weights: Any) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    w, x, y = rng.normal(size=(3, 1)), rng.normal(size=(6, 3)), rng.normal(size=(6, 1))
+    with pytest.raises(InvalidArgument) as from_numpy:
+        assert_gradequiv_numpy(lambda w, x, y: x.T @ (x @ w - y) / len(x), w, x, y, weights=weights)
+    model = torch.nn.Linear(3, 1)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    with pytest.raises(InvalidArgument) as from_torch:
+        assert_gradequiv(model, torch.nn.functional.mse_loss, xt, yt, weights=weights)
+
+    # the same rule and words; only the nouns differ (torch also accepts tensors)
+    expected = str(from_torch.value)
+    for torch_words, numpy_words in [
+        ("a tensor of shape", "an array of shape"),
+        ("a 1-d tensor, array or", "a 1-d array or"),
+        ("(a tensor, array or", "(an array or"),
+    ]:
+        expected = expected.replace(torch_words, numpy_words)
+    assert str(from_numpy.value) == expected
+
+
 def test_checks_are_recorded_pass_or_fail() -> None:
     params, x, y = make_net(4)
     with _tracking.collecting() as reports:
@@ -220,291 +225,6 @@ def test_loss_fn_tells_coupled_samples_from_a_reweighting() -> None:
     assert [f.kind for f in info.value.report.findings] == ["coupled"]
     with pytest.raises(InvalidArgument, match=r"loss_fn returned shape \(3, 1\) for the batch, not a scalar"):
         assert_gradequiv_numpy(grad, w, x, y, loss_fn=lambda w, x, y: x @ w)
-
-
-# --------------------------------------------------------------------------- broadcasts
-
-
-def test_pairwise_broadcast_in_the_loss_gradient_is_caught_and_located() -> None:
-    rng = np.random.default_rng(5)
-    params = {"w": rng.normal(size=(3, 1)), "b": np.zeros(1)}
-    x, labels = rng.normal(size=(6, 3)), rng.normal(size=6)  # labels (N,), outputs (N, 1)
-
-    def grad(p: dict, x: np.ndarray, labels: np.ndarray) -> dict:
-        out = x @ p["w"] + p["b"]
-        d_out = 2 * (out - labels).mean(axis=1, keepdims=True) / len(x)  # <- pairwise
-        return {"w": x.T @ d_out, "b": d_out.sum(axis=0)}
-
-    with pytest.raises(GradEquivError) as info:
-        assert_gradequiv_numpy(grad, params, x, labels)
-    msg = str(info.value)
-    line = _line_of("# <- pairwise")
-    for part in ("subtract((6, 1), (6,)) -> (6, 6)", f"{BASENAME}:{line}", "did you mean labels[..., None]?"):
-        assert part in msg
-    (record,) = info.value.report.broadcasts
-    assert record.shapes == ((6, 1), (6,)) and record.filename == THIS_FILE and record.lineno == line
-
-
-def test_pairwise_broadcast_that_breaks_gradient_shapes_names_the_broadcast() -> None:
-    rng = np.random.default_rng(6)
-    params = {"w": rng.normal(size=(3, 1))}
-    x, labels = rng.normal(size=(5, 3)), rng.normal(size=5)
-
-    def grad(p: dict, x: np.ndarray, labels: np.ndarray) -> dict:
-        err = x @ p["w"] - labels  # <- breaks shapes
-        return {"w": x.T @ err / len(x)}
-
-    with pytest.raises(BroadcastError) as info:
-        assert_gradequiv_numpy(grad, params, x, labels)
-    msg = str(info.value)
-    assert "shape (3, 5)" in msg and "params['w']" in msg
-    assert f"{BASENAME}:{_line_of('# <- breaks shapes')}: subtract((5, 1), (5,)) -> (5, 5)" in msg
-    assert isinstance(info.value.__cause__, InvalidArgument)
-
-
-def test_pairwise_broadcast_that_crashes_grad_fn_names_the_broadcast() -> None:
-    rng = np.random.default_rng(7)
-    params = {"W1": rng.normal(size=(3, 4)), "W2": rng.normal(size=(4, 1))}
-    x, labels = rng.normal(size=(5, 3)), rng.normal(size=5)
-
-    def grad(p: dict, x: np.ndarray, labels: np.ndarray) -> dict:
-        h = np.tanh(x @ p["W1"])
-        d_out = (h @ p["W2"] - labels) / len(x)  # (5, 5)
-        d_h = (d_out @ p["W2"].T) * (1 - h**2)  # matmul shape error here
-        return {"W1": x.T @ d_h, "W2": h.T @ d_out}
-
-    with pytest.raises(BroadcastError) as info:
-        assert_gradequiv_numpy(grad, params, x, labels)
-    assert "subtract((5, 1), (5,)) -> (5, 5)" in str(info.value)
-    assert "grad_fn then raised ValueError" in str(info.value)
-    assert isinstance(info.value.__cause__, ValueError)
-
-
-def _harmless_pairing(p: dict, x: np.ndarray, y: np.ndarray) -> dict:
-    pairwise = x[:, :1] - y[:, 0]  # <- harmless pairing
-    del pairwise
-    return net_grad(p, x, y)
-
-
-def test_broadcast_modes_when_gradients_agree() -> None:
-    params, x, y = make_net(4)
-    line = _line_of("# <- harmless pairing")
-    with pytest.warns(BroadcastWarning, match=r"subtract\(\(4, 1\), \(4,\)\) -> \(4, 4\)") as rec:
-        report = assert_gradequiv_numpy(_harmless_pairing, params, x, y)
-    assert report.passed and len(report.broadcasts) == 1
-    assert rec[0].filename == THIS_FILE and rec[0].lineno == line
-    with pytest.raises(BroadcastError, match="broadcast='error'") as info:
-        assert_gradequiv_numpy(_harmless_pairing, params, x, y, broadcast="error")
-    assert info.value.records[0].lineno == line
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert assert_gradequiv_numpy(_harmless_pairing, params, x, y, broadcast="off").broadcasts == ()
-
-
-def test_allow_broadcast_silences_an_intended_pairwise_term() -> None:
-    params, x, y = make_net(4)
-
-    def grad(p: dict, x: np.ndarray, y: np.ndarray) -> dict:
-        with allow_broadcast():
-            pairwise = x[:, :1] - y[:, 0]
-        del pairwise
-        return net_grad(p, x, y)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert assert_gradequiv_numpy(grad, params, x, y).broadcasts == ()
-
-
-def test_per_sample_outer_products_biases_and_one_hot_are_not_flagged() -> None:
-    rng = np.random.default_rng(8)
-    b, n0, n1, n2 = 6, 5, 4, 3
-    params = {
-        "W1": rng.normal(size=(n1, n0)), "b1": np.zeros((n1, 1)),
-        "W2": rng.normal(size=(n2, n1)), "b2": np.zeros(n2),
-    }  # fmt: skip
-    x = rng.normal(size=(b, n0))
-    labels = rng.integers(0, n2, size=b)
-
-    def grad(p: dict, x: np.ndarray, labels: np.ndarray) -> dict:
-        a0 = x[:, :, None]  # (B, n0, 1)
-        a1 = sigmoid(p["W1"] @ a0 + p["b1"])  # (B, n1, 1), bias (n1, 1)
-        logits = a1[:, :, 0] @ p["W2"].T + p["b2"]  # (B, n2), bias (n2,)
-        onehot = labels[:, None] == np.arange(n2)  # (B, 1) == (n2,) -> (B, n2)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        d_logits = (probs - onehot) / len(x)
-        d_a1 = (d_logits @ p["W2"])[:, :, None] * a1 * (1 - a1)  # (B, n1, 1)
-        gW2 = d_logits[:, :, None] * a1[:, None, :, 0]  # per-sample outer products (B, n2, n1)
-        gW1 = d_a1 * a0.transpose(0, 2, 1)  # (B, n1, 1) * (B, 1, n0)
-        gW1_einsum = np.einsum("bij,bkj->bik", d_a1, a0)
-        np.testing.assert_allclose(gW1, gW1_einsum)
-        return {"W1": gW1.sum(axis=0), "b1": d_a1.sum(axis=0), "W2": gW2.sum(axis=0), "b2": d_logits.sum(axis=0)}
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        report = assert_gradequiv_numpy(grad, params, x, labels)
-    assert report.passed and report.broadcasts == ()
-
-
-def test_column_major_layout_pairing_is_flagged() -> None:
-    rng = np.random.default_rng(9)
-    w = rng.normal(size=(1, 3))
-    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 1))
-
-    def grad(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        out = w @ x.T  # (1, B): samples in columns
-        d = (out - y).mean(axis=0, keepdims=True)  # (1, B) - (B, 1) -> (B, B)
-        return d @ x / len(x)
-
-    with pytest.raises(GradEquivError, match=r"subtract\(\(1, 6\), \(6, 1\)\) -> \(6, 6\)"):
-        assert_gradequiv_numpy(grad, w, x, y)
-
-
-def _tracked(shape: tuple, axis: int = 0) -> TrackedArray:
-    return TrackedArray.of_batch(np.ones(shape), axis)
-
-
-@pytest.mark.parametrize(
-    ("expr", "expected"),
-    [
-        (lambda x: x[:, :, None] * x[:, None, :], 0),
-        (lambda x: x.T, 1),
-        (lambda x: x.sum(axis=0), None),
-        (lambda x: np.mean(x, axis=1), 0),
-        (lambda x: x.mean(axis=1, keepdims=True), 0),
-        (lambda x: x[2], None),
-        (lambda x: x[1:3, None], 0),
-        (lambda x: x[..., None], 0),
-        (lambda x: x[[0, 2]], 0),
-        (lambda x: x.reshape(4, 3, 1), 0),
-        (lambda x: x.reshape(-1), -1),
-        (lambda x: x[:, :1].ravel(), 0),
-        (lambda x: np.expand_dims(x, 0), 1),
-        (lambda x: np.moveaxis(x[:, :, None], 0, -1), 2),
-        (lambda x: x.swapaxes(0, 1), 1),
-        (lambda x: x[:, None].squeeze(), 0),
-        (lambda x: x @ np.ones((3, 2)), 0),
-        (lambda x: np.ones((2, 3)) @ x.T, 1),
-        (lambda x: x.T @ x, None),
-        (lambda x: np.dot(x, np.ones(3)), 0),
-        (lambda x: x.dot(np.ones((3, 2))), 0),
-        (lambda x: np.tensordot(np.ones((5, 3)), x, axes=((1,), (1,))), 1),
-        (lambda x: np.einsum("bi,bj->bij", x, x), 0),
-        (lambda x: np.einsum("bi,ij", x, np.ones((3, 2))), 0),
-        (lambda x: np.einsum("...i->...", x), 0),
-        (lambda x: np.where(x > 0, x, 0.0), 0),
-        (lambda x: np.clip(x, 0, 1), 0),
-        (lambda x: x.astype(np.float32), 0),
-        (lambda x: x @ x.T, -1),
-        (lambda x: np.concatenate([x, np.ones((4, 1))], axis=1), 0),
-        (lambda x: np.hstack([x, np.ones((4, 1))]), 0),
-        (lambda x: np.concatenate([x, x]), -1),
-        (lambda x: np.stack([x, x], axis=0), 1),
-    ],
-)
-def test_batch_axis_is_followed(expr: Any, expected: Any) -> None:
-    out = expr(_tracked((4, 3)))
-    assert isinstance(out, TrackedArray)
-    assert out.batch_axis == expected
-
-
-def test_tracked_results_equal_plain_results() -> None:
-    rng = np.random.default_rng(10)
-    a = rng.normal(size=(5, 3))
-    t = TrackedArray.of_batch(a)
-    for f in (
-        lambda x: np.exp(x) @ x.T + x.sum(),
-        lambda x: np.einsum("bi,bj->bij", x, x).mean(axis=0),
-        lambda x: np.tensordot(x, x, axes=((0,), (0,))),
-        lambda x: np.std(x, axis=0) + np.var(x),
-    ):
-        np.testing.assert_array_equal(np.asarray(f(t)), f(a))
-
-
-# --------------------------------------------------------------------------- finite differences
-
-
-def test_finite_differences_pass_on_a_correct_gradient() -> None:
-    params, x, y = make_net(8)
-    report = assert_grad_numpy(net_loss, net_grad, params, x, y)
-    assert isinstance(report, FiniteDifferenceReport) and report.passed
-    assert {p.name for p in report.params} == {"W1", "b1", "W2", "b2"}
-    assert all(p.checked == p.numel for p in report.params)
-    assert "match central finite differences" in str(report)
-
-
-def test_finite_differences_catch_a_wrong_sigmoid_derivative() -> None:
-    params, x, y = make_net(8)
-
-    def bad(p: dict, x: np.ndarray, y: np.ndarray) -> dict:
-        return net_grad(p, x, y, bad_sigmoid=True)  # s * (1 + s)
-
-    with pytest.raises(GradEquivError) as info:
-        assert_grad_numpy(net_loss, bad, params, x, y)
-    report = info.value.report
-    assert {p.name for p in report.failing} == {"W1", "b1"}
-    msg = str(info.value)
-    assert msg.startswith(
-        "Analytic gradients do NOT match central finite differences: 2 of 4 parameters differ (W1, b1)."
-    )
-    assert "Worst entries:" in msg and "W2, b2 match" in msg
-    worst = next(p for p in report.failing if p.name == "W1").worst[0]
-    assert abs(worst.analytic - worst.numeric) > 1e-3
-    assert str(worst.index) in msg and f"{worst.analytic:.6g}" in msg and f"{worst.numeric:.6g}" in msg
-
-
-def test_finite_differences_name_a_batch_size_factor() -> None:
-    params, x, y = make_net(8)
-    with pytest.raises(GradEquivError, match=r"8 times the numerical one \(B=8"):
-        assert_grad_numpy(net_loss, summed_grad, params, x, y)
-
-
-def test_finite_differences_notice_a_loss_that_ignores_its_params() -> None:
-    params, x, y = make_net(4)
-
-    def frozen_loss(p: dict, x: np.ndarray, y: np.ndarray) -> float:
-        return net_loss(params, x, y)  # the captured params, not p
-
-    with pytest.raises(GradEquivError, match="loss_fn does not change when W1, b1, W2, b2 change"):
-        assert_grad_numpy(frozen_loss, net_grad, params, x, y)
-
-
-def test_finite_differences_sample_large_parameters_reproducibly() -> None:
-    rng = np.random.default_rng(11)
-    w, x = rng.normal(size=(40, 30)), rng.normal(size=(3, 40))
-
-    def loss(w: np.ndarray, x: np.ndarray, y: None) -> float:
-        return float(np.sum(np.tanh(x @ w)))
-
-    def grad(w: np.ndarray, x: np.ndarray, y: None) -> np.ndarray:
-        return x.T @ (1 - np.tanh(x @ w) ** 2)
-
-    r1 = assert_grad_numpy(loss, grad, w, x, max_coords=10, seed=3)
-    r2 = assert_grad_numpy(loss, grad, w, x, max_coords=10, seed=3)
-    assert r1.params[0].checked == 10 and r1.params[0].numel == 1200
-    assert r1.params == r2.params
-    assert "10 of 1200 entries sampled" in str(r1)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"eps": 0}, "eps"),
-        ({"rtol": -1}, "rtol"),
-        ({"max_coords": 0}, "max_coords"),
-        ({"seed": "a"}, "seed"),
-    ],
-)
-def test_finite_differences_bad_options(kwargs: dict, match: str) -> None:
-    params, x, y = make_net(3)
-    with pytest.raises(InvalidArgument, match=match):
-        assert_grad_numpy(net_loss, net_grad, params, x, y, **kwargs)
-
-
-def test_finite_differences_bad_loss() -> None:
-    params, x, y = make_net(3)
-    with pytest.raises(InvalidArgument, match="not a scalar"):
-        assert_grad_numpy(lambda p, x, y: np.ones(2), net_grad, params, x, y)
 
 
 # --------------------------------------------------------------------------- the user's arrays
@@ -588,6 +308,34 @@ def test_random_draws_in_grad_fn_are_explained_and_the_global_rng_is_restored() 
         assert_gradequiv_numpy(with_dropout, params, x, y)
     after = np.random.get_state()
     assert after[2] == state[2] and np.array_equal(after[1], state[1])
+
+
+def test_notes_are_in_the_report_before_it_is_raised() -> None:
+    # the notes are the report's own (one renderer, no message patched after raising)
+    params, x, y = make_net(6)
+
+    def noisy_summed(p: dict, x: np.ndarray, y: np.ndarray) -> dict:
+        np.random.rand(1)
+        g = summed_grad(p, x, y)
+        p["W1"] -= g["W1"]
+        return g
+
+    with pytest.raises(GradEquivError) as info:
+        assert_gradequiv_numpy(noisy_summed, params, x, y)
+    report = info.value.report
+    assert str(info.value) == str(report)
+    assert [n.split(" ")[1] for n in report.notes] == ["draws", "wrote"]
+    assert "grad_fn draws from NumPy's global random generator" in report.notes[0]
+
+
+def test_random_draws_on_a_passing_check_are_not_blamed() -> None:
+    params, x, y = make_net(4)
+
+    def draws(p: dict, x: np.ndarray, y: np.ndarray) -> dict:
+        np.random.rand(3)  # drawn, never used
+        return net_grad(p, x, y)
+
+    assert assert_gradequiv_numpy(draws, params, x, y).notes == []
 
 
 # --------------------------------------------------------------------------- bad input
@@ -760,3 +508,29 @@ def test_seed003_as_a_user_runs_it(pytester: pytest.Pytester) -> None:
             "*np.mean over the batch axis*",
         ]
     )
+
+
+# --------------------------------------------------------------------------- the package
+
+
+def test_doctests() -> None:
+    from pytest_gradcheck.numpy_backend import check, finite_differences, tracking
+    from pytest_gradcheck.report import finite_differences as fd_report
+
+    for module in (check, finite_differences, tracking, fd_report):
+        failures, tried = doctest.testmod(module)
+        assert tried > 0 and failures == 0, module.__name__
+
+
+def test_no_private_name_is_imported_from_outside_the_package() -> None:
+    # private modules (_options, _tracking) may be imported; private names of other modules may not
+    root = pathlib.Path(__file__).resolve().parent.parent / "pytest_gradcheck"
+    files = [*(root / "numpy_backend").glob("*.py"), root / "report" / "finite_differences.py"]
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and not (node.level == 1 and path.parent.name == "numpy_backend"):
+                bad += [
+                    f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "_tracking"
+                ]
+    assert bad == []

@@ -11,10 +11,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .._options import check_batch_sizes
+from ..diagnosis import IGNORE_INDEX
 from ..errors import InvalidArgument, first_line
-
-#: the label value losses ignore by default (``F.cross_entropy``'s ``ignore_index``)
-IGNORE_INDEX = -100
 
 NamedModules = Sequence[tuple[str, torch.nn.Module]]  # model.named_modules(), walked once
 

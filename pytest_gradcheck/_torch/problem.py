@@ -479,6 +479,10 @@ class TorchProblem:
             )
         return dict(zip(self.names, grads))
 
+    def run_notes(self, passed: bool) -> list[str]:
+        """Notes on the runs for the report (harmless random draws left alone)."""
+        return [self.random_note] if self.random_note else []
+
     def weight_candidates(self) -> list[tuple[str, np.ndarray]]:
         return self._weight_candidates() if self._weight_candidates else []
 

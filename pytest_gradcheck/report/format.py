@@ -63,3 +63,58 @@ def columns(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
     """
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows else []
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+__all__ += ["section", "bullets"]
+
+
+def section(title: str, items: Sequence[str]) -> list[str]:
+    """A blank line, ``title: first item``, the other items indented under it; nothing for no items.
+
+    >>> section("Cause", ["the sign is flipped.", "see above."])
+    ['', 'Cause: the sign is flipped.', '  see above.']
+    """
+    if not items:
+        return []
+    return ["", f"{title}: {items[0]}", *("  " + item for item in items[1:])]
+
+
+def bullets(title: str, items: Sequence[str]) -> list[str]:
+    """A blank line, ``title:``, one ``  - item`` line per item; nothing for no items.
+
+    >>> bullets("Notes", ["a", "b"])
+    ['', 'Notes:', '  - a', '  - b']
+    """
+    if not items:
+        return []
+    return ["", f"{title}:", *(f"  - {item}" for item in items)]
+
+
+__all__ += ["fmt_and", "fmt_indices"]
+
+
+def fmt_and(items: Sequence[object]) -> str:
+    """Items as a sentence lists them.
+
+    >>> fmt_and([5, 3]), fmt_and([2, 2, 2]), fmt_and(["a"])
+    ('5 and 3', '2, 2 and 2', 'a')
+    """
+    words = [str(i) for i in items]
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def fmt_indices(indices: Sequence[int], limit: int = 10) -> str:
+    """Sample indices, a run of consecutive ones as ``[first..last]``.
+
+    >>> fmt_indices([0, 1, 2, 3]), fmt_indices([0, 2, 4]), fmt_indices(range(0, 24, 2), limit=3)
+    ('[0..3]', '[0, 2, 4]', '[0, 2, 4, ... (12 in all)]')
+    """
+    values = [int(i) for i in indices]
+    if len(values) > 2 and values == list(range(values[0], values[0] + len(values))):
+        return f"[{values[0]}..{values[-1]}]"
+    shown = ", ".join(str(v) for v in values[:limit])
+    if len(values) > limit:
+        shown += f", ... ({len(values)} in all)"
+    return f"[{shown}]"

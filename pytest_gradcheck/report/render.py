@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from . import Comparison, Finding, GradEquivReport
+from . import Comparison, Finding, GradEquivReport, ddp
 from .format import close_to, columns, fmt_counts, fmt_factor, fmt_number, fmt_ratio, fmt_shape, fmt_weights
 
 __all__ = ["render", "headline"]
@@ -204,6 +204,8 @@ def _explain_grad_sample(f: Finding, report: GradEquivReport) -> str:
 
 
 def _cause_lines(report: GradEquivReport) -> list[str]:
+    if report.check == "ddp":
+        return ddp.cause_lines(report)
     lines: list[str] = []
     for f in report.findings:
         if f.kind == "broadcast":
@@ -280,6 +282,8 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
 
 
 def _advice_lines(report: GradEquivReport) -> list[str]:
+    if report.check == "ddp":
+        return ddp.advice_lines(report)
     kinds = {f.kind for f in report.findings}
     out: list[str] = []
     if "broadcast" in kinds:
