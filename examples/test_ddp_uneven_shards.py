@@ -10,7 +10,7 @@ global batch size, times world_size because DDP divides by it again. In this pro
 (the single-process reference) there is no process group, world_size is 1 and the
 global count is the local one, so the same loss is the plain mean there.
 
-Run with ``pytest examples/test_ddp.py``. The factories and losses are module-level
+Run with ``pytest examples/test_ddp_uneven_shards.py``. The factories and losses are module-level
 functions: the ranks are separate processes that import this file to unpickle them.
 """
 

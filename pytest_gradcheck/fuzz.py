@@ -107,7 +107,7 @@ def fuzz_gradequiv(
     from hypothesis import seed as hypothesis_seed
     from hypothesis.errors import InvalidArgument as HypothesisInvalidArgument
 
-    from .strategies import _named_dims, batches
+    from .strategies import batches, named_dims
 
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
         raise InvalidArgument(f"max_examples={max_examples!r} must be an int >= 1")
@@ -128,7 +128,7 @@ def fuzz_gradequiv(
             min_side=min_side,
             max_side=max_side,
         )
-        names = _named_dims(input_shape, target_shape, num_classes)
+        names = named_dims(input_shape, target_shape, num_classes)
     except HypothesisInvalidArgument as err:  # one error type for users of this module
         raise InvalidArgument(str(err)) from None
     build = _model_builder(make_model, names)

@@ -183,22 +183,22 @@ def test_standalone_guard_lets_libraries_broadcast_and_points_at_the_user(librar
 def test_library_roots_cover_site_packages_and_the_stdlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sysconfig
 
-    roots = bc._library_roots()
+    roots = bc.library_roots()
     assert any(sysconfig.get_paths()["purelib"].startswith(r.rstrip(os.sep)) for r in roots)
-    assert bc._frame_kind(torch.__file__) == bc._MACHINERY  # torch: machinery, like today
-    assert bc._frame_kind(bc.__file__) == bc._MACHINERY
-    assert bc._frame_kind(os.__file__) == bc._MACHINERY  # the stdlib is transparent
-    assert bc._frame_kind(pytest.__file__) == bc._LIBRARY  # installed third-party code
-    assert bc._frame_kind(__file__) == bc._USER  # this repository
-    assert bc._frame_kind("<frozen importlib._bootstrap>") == bc._MACHINERY
+    assert bc.frame_kind(torch.__file__) == bc.MACHINERY  # torch: machinery, like today
+    assert bc.frame_kind(bc.__file__) == bc.MACHINERY
+    assert bc.frame_kind(os.__file__) == bc.MACHINERY  # the stdlib is transparent
+    assert bc.frame_kind(pytest.__file__) == bc.LIBRARY  # installed third-party code
+    assert bc.frame_kind(__file__) == bc.USER  # this repository
+    assert bc.frame_kind("<frozen importlib._bootstrap>") == bc.MACHINERY
     site = os.path.join(str(tmp_path), "lib", "site-packages")
     os.makedirs(site)
     mod = os.path.join(site, "thing.py")
-    assert bc._frame_kind(mod) == bc._USER
+    assert bc.frame_kind(mod) == bc.USER
     monkeypatch.syspath_prepend(site)
-    assert bc._frame_kind(mod) == bc._LIBRARY  # a site-packages directory on sys.path
-    monkeypatch.setattr(bc, "_EXTRA_LIBRARY_ROOTS", (str(tmp_path),))
-    assert bc._frame_kind(os.path.join(str(tmp_path), "vendored.py")) == bc._LIBRARY
+    assert bc.frame_kind(mod) == bc.LIBRARY  # a site-packages directory on sys.path
+    monkeypatch.setattr(bc.frames, "extra_library_roots", (str(tmp_path),))
+    assert bc.frame_kind(os.path.join(str(tmp_path), "vendored.py")) == bc.LIBRARY
 
 
 # --------------------------------------------------------------------------- within-sample pairing
@@ -330,6 +330,37 @@ def test_recording_with_a_known_batch_size_keeps_only_pairings() -> None:
         no_implicit_broadcast("error", batch_size=B),
     ):
         _ = out - y
+
+
+def test_a_record_belongs_to_its_own_call_site_even_when_the_code_is_identical(tmp_path: Path) -> None:
+    # Records are built once per call site and reused; the same code in two files (only a
+    # comment differs) gives equal code objects, which must still be told apart.
+    steps = []
+    for name in ("first", "second"):
+        path = tmp_path / f"{name}_test.py"
+        path.write_text(f"def step(out, y):\n    return (out - y).pow(2).mean()  # {name}\n")
+        namespace: dict = {}
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        steps.append(namespace["step"])
+    assert steps[0].__code__ == steps[1].__code__
+    out, y = torch.randn(4, 1), torch.randn(4)
+    pred = nn.Linear(1, 1)(out)
+    with recording() as records:
+        for step in steps * 2:
+            step(out, y)
+        pairs = steps[0](pred, pred.view(1, 4))  # the same site, between predictions only
+    assert pairs.shape == ()
+    assert [(os.path.basename(r.filename), r.lineno, r.code) for r in records] == [
+        ("first_test.py", 2, "return (out - y).pow(2).mean()  # first"),
+        ("second_test.py", 2, "return (out - y).pow(2).mean()  # second"),
+        ("first_test.py", 2, "return (out - y).pow(2).mean()  # first"),
+        ("second_test.py", 2, "return (out - y).pow(2).mean()  # second"),
+        ("first_test.py", 2, "return (out - y).pow(2).mean()  # first"),
+    ]
+    assert [r.loss_inputs for r in records] == [True, True, True, True, False]
+    assert records[0].suggestion == "did you mean y.unsqueeze(-1)?"
+    assert records[4].suggestion is not None and "allow_broadcast()" in records[4].suggestion
+    assert records[0] == records[2] and records[1] == records[3] and records[0] != records[1]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, "4", True])

@@ -120,9 +120,9 @@ def test_same_seed_same_tensor() -> None:
     first = minimal(gst.tensors((5,)), lambda t: bool(t[0] > 1.0))
     second = minimal(gst.tensors((5,)), lambda t: bool(t[0] > 1.0))
     assert torch.equal(first, second)
-    a = gst._make_tensor((4, 4), 1234, "float32", None, None, "cpu", False)
-    b = gst._make_tensor((4, 4), 1234, "float32", None, None, "cpu", False)
-    c = gst._make_tensor((4, 4), 1235, "float32", None, None, "cpu", False)
+    a = gst.make_tensor((4, 4), 1234, "float32", None, None, "cpu", False)
+    b = gst.make_tensor((4, 4), 1234, "float32", None, None, "cpu", False)
+    c = gst.make_tensor((4, 4), 1235, "float32", None, None, "cpu", False)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
