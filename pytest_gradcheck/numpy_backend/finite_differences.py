@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .. import _tracking
+from .._tracking import record as record_check
 from .._options import check_tolerance
 from ..errors import GradEquivError, InvalidArgument
 from ..report.finite_differences import (
@@ -97,7 +97,7 @@ def assert_grad_numpy(
     calls = _Calls(loss_fn, grad_fn, p, xs, ys)
     with left_as_found(p, xs, ys, "grad_fn or loss_fn"):
         report = _finite_differences(calls, float(eps_v), rtol_v, atol_v, int(max_coords), int(seed))
-    _tracking.record(report)
+    record_check(report)
     if not report.passed:
         raise GradEquivError(report)
     return report
