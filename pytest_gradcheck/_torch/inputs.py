@@ -3,7 +3,6 @@ weightings worth naming (non-ignored targets, tokens after a causal LM's shift).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -11,8 +10,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .._options import check_batch_sizes
+from .._weights import read_weights
 from ..diagnosis import IGNORE_INDEX
-from ..errors import InvalidArgument, first_line
+from ..errors import InvalidArgument
 
 NamedModules = Sequence[tuple[str, torch.nn.Module]]  # model.named_modules(), walked once
 
@@ -170,53 +170,18 @@ def _sortable(d: dict[str, Any]) -> bool:
 
 
 def resolve_weights(weights: WeightsArg, b: int, sample_of: Callable[[int], Any]) -> Optional[np.ndarray]:
-    if weights is None:
+    """The declared per-sample weights as a float64 ``(b,)`` array, or None (see :mod:`.._weights`)."""
+
+    def tensor_array(w: Any) -> Optional[np.ndarray]:
+        return w.detach().to("cpu", torch.float64).numpy() if isinstance(w, torch.Tensor) else None
+
+    def tensor_number(v: Any) -> Optional[float]:
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex():
+            return float(v.detach().reshape(()).cpu())
         return None
-    if callable(weights) and not isinstance(weights, (torch.Tensor, np.ndarray)):
-        w = np.asarray([_weight_of_sample(weights(sample_of(i)), i) for i in range(b)], dtype=np.float64)
-    elif isinstance(weights, torch.Tensor):
-        w = weights.detach().to("cpu", torch.float64).numpy()
-    elif isinstance(weights, (np.ndarray, list, tuple, range)):
-        try:
-            w = np.asarray(weights, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(
-                f"weights cannot be read as numbers ({type(exc).__name__}: {first_line(exc)}): pass one "
-                f"number per sample, shape ({b},)"
-            ) from None
-    else:
-        raise InvalidArgument(
-            f"weights is a {type(weights).__name__}: pass one number per sample (a tensor, array or "
-            f"sequence of {b}), or a callable that returns the weight of one sample (a batch of one)"
-        )
-    if w.shape != (b,):
-        raise InvalidArgument(
-            f"weights has shape {tuple(w.shape)}: expected one weight per sample, ({b},): a 1-d tensor, "
-            f"array or sequence of {b} numbers"
-        )
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise InvalidArgument(f"weights must be finite and >= 0, got {w.tolist()[:8]}")
-    if w.sum() <= 0:
-        raise InvalidArgument("weights sum to 0: at least one sample must count")
-    return w
 
-
-def _weight_of_sample(value: Any, i: int) -> float:
-    """The number a ``weights`` callable returned for sample ``i``, or a clear error."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        return float(value.detach().reshape(()).cpu())
-    if isinstance(value, np.ndarray) and value.size == 1 and not np.iscomplexobj(value):
-        return float(value.reshape(()))
-    if isinstance(value, numbers.Real):
-        return float(value)
-    what = (
-        f"a tensor of shape {tuple(value.shape)}"
-        if isinstance(value, (torch.Tensor, np.ndarray))
-        else f"a {type(value).__name__}"
-    )
-    raise InvalidArgument(
-        f"weights(sample {i}) returned {what}: the weights callable must return one number per sample "
-        "(it is called on one sample, a batch of one), e.g. (targets != -100).sum()"
+    return read_weights(
+        weights, b, sample_of, forms="a tensor, array or sequence", to_array=tensor_array, to_number=tensor_number
     )
 
 

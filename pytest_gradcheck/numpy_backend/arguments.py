@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import random
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -13,7 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .._options import check_batch_sizes
-from ..errors import InvalidArgument, first_line
+from .._weights import read_weights
+from ..errors import InvalidArgument
 
 __all__ = [
     "Array",
@@ -246,46 +246,7 @@ def resolve_weights(weights: WeightsArg, b: int, sample_of: Callable[[int], Any]
     ``sample_of(i)``, one sample's targets, that returns one number) and the same values
     refused (another shape, negative or non-finite weights, a zero sum).
     """
-    if weights is None:
-        return None
-    if callable(weights) and not isinstance(weights, np.ndarray):
-        w = np.asarray([_weight_of_sample(weights(sample_of(i)), i) for i in range(b)], dtype=np.float64)
-    elif isinstance(weights, (np.ndarray, list, tuple, range)):
-        try:
-            w = np.asarray(weights, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(
-                f"weights cannot be read as numbers ({type(exc).__name__}: {first_line(exc)}): pass one "
-                f"number per sample, shape ({b},)"
-            ) from None
-    else:
-        raise InvalidArgument(
-            f"weights is a {type(weights).__name__}: pass one number per sample (an array or sequence "
-            f"of {b}), or a callable that returns the weight of one sample (a batch of one)"
-        )
-    if w.shape != (b,):
-        raise InvalidArgument(
-            f"weights has shape {tuple(w.shape)}: expected one weight per sample, ({b},): a 1-d array "
-            f"or sequence of {b} numbers"
-        )
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise InvalidArgument(f"weights must be finite and >= 0, got {w.tolist()[:8]}")
-    if w.sum() <= 0:
-        raise InvalidArgument("weights sum to 0: at least one sample must count")
-    return w
-
-
-def _weight_of_sample(value: object, i: int) -> float:
-    """The number a ``weights`` callable returned for sample ``i``, or a clear error."""
-    if isinstance(value, np.ndarray) and value.size == 1 and not np.iscomplexobj(value):
-        return float(value.reshape(()))
-    if isinstance(value, numbers.Real):
-        return float(value)
-    what = f"an array of shape {tuple(value.shape)}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
-    raise InvalidArgument(
-        f"weights(sample {i}) returned {what}: the weights callable must return one number per sample "
-        "(it is called on one sample, a batch of one), e.g. (targets != -100).sum()"
-    )
+    return read_weights(weights, b, sample_of, forms="an array or sequence")
 
 
 def as_loss(value: object, where: str) -> float:
