@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._tracking import record as record_check
 from .._options import check_tolerance
+from .._tracking import record as record_check
 from ..errors import GradEquivError, InvalidArgument
 from ..report.finite_differences import (
     CAUSE_DERIVATIVE,
