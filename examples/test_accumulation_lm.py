@@ -1,6 +1,6 @@
 """Gradient accumulation for a token-level language-model loss, and why "divide by k" is wrong.
 
-Run with ``pytest examples/test_accumulation.py``. A language-model loss is the
+Run with ``pytest examples/test_accumulation_lm.py``. A language-model loss is the
 mean over the batch's *non-padding tokens* (``ignore_index=-100``). Split the
 batch into k micro-batches and the usual accumulation loop,
 
