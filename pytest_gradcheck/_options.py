@@ -20,10 +20,13 @@ a session-only setting (no check takes it, so the marker does not either)::
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import math
+import threading
+import types
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from .errors import InvalidArgument
 
@@ -249,14 +252,39 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("rtol", TOLERANCE, None, EVERY_CHECK, "relative tolerance of the checks", session=True, unset="by dtype"),
-    Option("atol", TOLERANCE, None, EVERY_CHECK, "absolute tolerance of the checks", session=True, unset="0"),
+    Option(
+        "rtol", TOLERANCE, None, EVERY_CHECK, "relative tolerance in the working dtype", session=True, unset="by dtype"
+    ),
+    Option("atol", TOLERANCE, None, EVERY_CHECK, "absolute tolerance in the working dtype", session=True, unset="0"),
+    Option(
+        "rtol_float64",
+        TOLERANCE,
+        None,
+        RECHECKING,
+        "relative tolerance of the float64 re-check",
+        session=True,
+        unset="1e-07",
+    ),
+    Option(
+        "atol_float64",
+        TOLERANCE,
+        None,
+        RECHECKING,
+        "absolute tolerance of the float64 re-check",
+        session=True,
+        unset="0",
+    ),
     Option("reduction", choice(*REDUCTIONS), "mean", ACCUMULATING, "how per-sample gradients accumulate"),
     Option("weights", ANY, None, ACCUMULATING, "a tensor, sequence or callable weighting each sample"),
     Option("broadcast", choice(*BROADCAST_MODES), "warn", WATCHING, "implicit broadcasts in loss terms", session=True),
     Option("reference", choice(*REFERENCE_METHODS), "auto", PER_SAMPLE, "how per-sample gradients are computed"),
     Option("float64_recheck", BOOL, True, RECHECKING, "re-run a mismatch in float64 before calling it a bug"),
     Option("per_sample", BOOL, False, frozenset({"gradequiv", "step"}), "put per-sample gradients on the report"),
+    Option("json", TEXT, None, frozenset(), "write the session's checks to this JSON file", session=True),
+    Option("annotations", BOOL, False, frozenset(), "print GitHub Actions ::error lines for failures", session=True),
+    Option(
+        "max_margin", TOLERANCE, None, frozenset(), "fail a passing check using more of its tolerance", session=True
+    ),
 )
 
 BY_NAME: Mapping[str, Option] = {opt.name: opt for opt in OPTIONS}
@@ -301,3 +329,66 @@ def validate_options(options: Mapping[str, Any], source: str = "argument") -> di
             f"Unknown gradequiv option(s) {', '.join(map(repr, unknown))} from {source}; known options: {known}"
         )
     return {key: BY_NAME[key].check(value, source) for key, value in options.items()}
+
+
+# --------------------------------------------------------------------------- the current test's defaults
+
+_defaults_lock = threading.Lock()
+_test_defaults: dict[str, Any] = {}  # the running test's session settings + marker, process-wide
+
+
+def set_test_defaults(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Make ``options`` the defaults of every check run from now on (``None``: none); returns the previous ones.
+
+    The plugin sets the running test's session settings and marker options here
+    around the test, so that a direct ``assert_gradequiv`` call follows them as
+    the fixture does. Process-wide, not per thread: a check run in a worker
+    thread belongs to the test that is running (pytest runs one test at a time
+    per process).
+    """
+    global _test_defaults
+    with _defaults_lock:
+        previous, _test_defaults = _test_defaults, dict(options or {})
+    return previous
+
+
+def current_test_defaults() -> dict[str, Any]:
+    """The current test's defaults for the checks (``{}`` outside a test)."""
+    with _defaults_lock:
+        return dict(_test_defaults)
+
+
+Check = TypeVar("Check", bound=Callable[..., Any])
+
+
+def takes_test_defaults(check: str) -> Callable[[Check], Check]:
+    """Decorate a public check: each option of ``check`` that the caller did not pass comes from
+    :func:`current_test_defaults` when set there (call keyword > marker > command line > ini > default).
+
+    The options are keyword-only, so "not passed" is "not in the keywords". The wrapper is
+    given the wrapped function's module globals, so it stays that module's function (doctest
+    finds its examples) and keeps its signature (``__wrapped__``).
+    """
+
+    def decorate(fn: Check) -> Check:
+        names = tuple(
+            name
+            for name, param in inspect.signature(fn).parameters.items()
+            if param.kind is inspect.Parameter.KEYWORD_ONLY and name in BY_NAME and check in BY_NAME[name].checks
+        )
+        read = current_test_defaults
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            defaults = read()
+            for name in names:
+                if name in defaults and name not in kwargs:
+                    kwargs[name] = defaults[name]
+            return fn(*args, **kwargs)
+
+        rebound = types.FunctionType(
+            wrapper.__code__, fn.__globals__, fn.__name__, wrapper.__defaults__, wrapper.__closure__
+        )
+        return functools.update_wrapper(rebound, fn)  # type: ignore[return-value]
+
+    return decorate

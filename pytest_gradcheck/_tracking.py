@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Iterator, Protocol
 
 
@@ -26,28 +27,76 @@ class CheckRecord(Protocol):
 
 
 _lock = threading.Lock()
-_scopes: list[list[CheckRecord]] = []  # the open scopes, innermost last
+_scopes: list[Scope] = []  # the open scopes, innermost last
 
 
-def record(report: CheckRecord) -> None:
+class Scope(list[CheckRecord]):
+    """The reports of the checks run in a scope, in order, and the seconds each took (``seconds[i]``).
+
+    A check's time runs from the end of the previous check of the scope (or the
+    opening of the scope) to its :func:`record`: the check itself, plus whatever
+    the test did since the previous one (building the model and the batch).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+        self.kinds: list[str | None] = []  # the kind of check, where the caller named it (else its report says)
+        self.one_check = False  # see as_one_check
+        self._mark = time.perf_counter()
+
+    def add(self, report: CheckRecord, kind: str | None = None) -> None:
+        now = time.perf_counter()
+        self.append(report)
+        self.kinds.append(kind)
+        self.seconds.append(now - self._mark)
+        self._mark = now
+
+
+def record(report: CheckRecord, kind: str | None = None) -> None:
     """Note that a check ran (``report`` is its report: a GradEquivReport or another check's), from any thread."""
     with _lock:
-        for scope in _scopes:
-            scope.append(report)
+        for scope in reversed(_scopes):  # innermost first: a one-check scope keeps its checks to itself
+            scope.add(report, kind)
+            if scope.one_check:
+                break
 
 
 @contextlib.contextmanager
-def collecting() -> Iterator[list[CheckRecord]]:
+def as_one_check(kind: str) -> Iterator[None]:
+    """The checks run inside the block count as one check of ``kind``: the last one's report, recorded when it ends.
+
+    For a check made of many (a fuzz run: each example is a check, a failure is
+    shrunk through many more); the time of the one is the whole block's.
+    """
+    with collecting() as inner:
+        inner.one_check = True
+        try:
+            yield
+        finally:
+            with _lock:  # close the inner scope first, so the last report reaches only the outer ones
+                _remove(inner)
+            if inner:
+                record(inner[-1], kind)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[Scope]:
     """Collect the reports of the checks run, in any thread, while the ``with`` block is open."""
-    scope: list[CheckRecord] = []
+    scope = Scope()
     with _lock:
         _scopes.append(scope)
     try:
         yield scope
     finally:
         with _lock:
-            # by identity: two scopes holding equal (e.g. empty) lists compare equal
-            for i in range(len(_scopes) - 1, -1, -1):
-                if _scopes[i] is scope:
-                    del _scopes[i]
-                    break
+            _remove(scope)
+
+
+def _remove(scope: Scope) -> None:
+    """Close ``scope`` (under the lock; a closed one: nothing to do)."""
+    # by identity: two scopes holding equal (e.g. empty) lists compare equal
+    for i in range(len(_scopes) - 1, -1, -1):
+        if _scopes[i] is scope:
+            del _scopes[i]
+            break

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from ._options import check_batch_sizes, validate_options
+from ._options import check_batch_sizes, takes_test_defaults, validate_options
 from ._torch.inputs import (
     batch_size_of,
     check_model,
@@ -53,6 +53,7 @@ MicroWeights = Union[None, torch.Tensor, Sequence[float], np.ndarray, Callable[[
 # --------------------------------------------------------------------------- public API
 
 
+@takes_test_defaults("accumulation")
 def assert_accumulation_equiv(
     model: torch.nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -64,6 +65,8 @@ def assert_accumulation_equiv(
     reduction: str = "mean",
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    rtol_float64: Optional[float] = None,
+    atol_float64: Optional[float] = None,
     broadcast: str = "warn",
     float64_recheck: bool = True,
 ) -> GradEquivReport:
@@ -115,6 +118,8 @@ def assert_accumulation_equiv(
             "reduction": reduction,
             "rtol": rtol,
             "atol": atol,
+            "rtol_float64": rtol_float64,
+            "atol_float64": atol_float64,
             "broadcast": broadcast,
             "float64_recheck": float64_recheck,
         }
@@ -155,6 +160,7 @@ def assert_accumulation_equiv(
     return _run(problem, opts, weights, micro_targets, "weights(micro_targets)")
 
 
+@takes_test_defaults("accumulation")
 def assert_accumulation_equiv_step(
     step_fn: Callable[[torch.nn.Module, Any], Any],
     model: torch.nn.Module,
@@ -165,6 +171,8 @@ def assert_accumulation_equiv_step(
     reduction: str = "mean",
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    rtol_float64: Optional[float] = None,
+    atol_float64: Optional[float] = None,
     float64_recheck: bool = True,
 ) -> GradEquivReport:
     """The training-step form of :func:`assert_accumulation_equiv`.
@@ -186,7 +194,16 @@ def assert_accumulation_equiv_step(
     True
     """
     __tracebackhide__ = True
-    opts = validate_options({"reduction": reduction, "rtol": rtol, "atol": atol, "float64_recheck": float64_recheck})
+    opts = validate_options(
+        {
+            "reduction": reduction,
+            "rtol": rtol,
+            "atol": atol,
+            "rtol_float64": rtol_float64,
+            "atol_float64": atol_float64,
+            "float64_recheck": float64_recheck,
+        }
+    )
     opts["broadcast"] = "off"
     check_model(model)
     if not callable(step_fn):
@@ -399,6 +416,8 @@ def _run(
             weights=w,
             rtol=opts["rtol"],
             atol=opts["atol"],
+            rtol_float64=opts["rtol_float64"],
+            atol_float64=opts["atol_float64"],
             float64_recheck=opts["float64_recheck"],
             check="accumulation",
             notes=notes,

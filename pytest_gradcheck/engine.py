@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from ._options import validate_options
+from ._options import takes_test_defaults, validate_options
 from ._torch.inputs import (
     TensorOrTuple,
     WeightsArg,
@@ -40,6 +40,7 @@ __all__ = ["assert_gradequiv", "assert_gradequiv_step"]
 # --------------------------------------------------------------------------- public API
 
 
+@takes_test_defaults("gradequiv")
 def assert_gradequiv(
     model: torch.nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -50,6 +51,8 @@ def assert_gradequiv(
     weights: WeightsArg = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    rtol_float64: Optional[float] = None,
+    atol_float64: Optional[float] = None,
     broadcast: str = "warn",
     reference: str = "auto",
     float64_recheck: bool = True,
@@ -69,7 +72,10 @@ def assert_gradequiv(
     ``inputs`` is a tensor or a tuple of tensors (``model(*inputs)``), batch on
     dim 0; ``targets`` a tensor, a tuple (``loss_fn(out, *targets)``) or None
     (``loss_fn(out)``). A mismatch in float32/16 is re-run in float64 before it
-    is called a bug. Dropout modules are switched off for the check. The model's
+    is called a bug: ``rtol``/``atol`` are the working dtype's tolerances, and the
+    re-check keeps float64's own (1e-7, 0) unless ``rtol_float64``/``atol_float64``
+    are given. Under pytest, an option not passed comes from the running test's
+    ``gradequiv`` marker, then the command line and the ini file. Dropout modules are switched off for the check. The model's
     parameters, ``.grad``, buffers, train/eval modes and the global RNG are left
     as found.
 
@@ -102,6 +108,8 @@ def assert_gradequiv(
             "reduction": reduction,
             "rtol": rtol,
             "atol": atol,
+            "rtol_float64": rtol_float64,
+            "atol_float64": atol_float64,
             "broadcast": broadcast,
             "reference": reference,
             "float64_recheck": float64_recheck,
@@ -131,6 +139,7 @@ def assert_gradequiv(
     return _execute(problem, opts, weights, sample_targets)
 
 
+@takes_test_defaults("step")
 def assert_gradequiv_step(
     step_fn: Callable[[torch.nn.Module, Any], Any],
     model: torch.nn.Module,
@@ -140,6 +149,8 @@ def assert_gradequiv_step(
     weights: WeightsArg = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    rtol_float64: Optional[float] = None,
+    atol_float64: Optional[float] = None,
     reference: str = "auto",
     float64_recheck: bool = True,
     per_sample: bool = False,
@@ -174,6 +185,8 @@ def assert_gradequiv_step(
             "reduction": reduction,
             "rtol": rtol,
             "atol": atol,
+            "rtol_float64": rtol_float64,
+            "atol_float64": atol_float64,
             "reference": reference,
             "float64_recheck": float64_recheck,
             "per_sample": per_sample,
@@ -215,14 +228,18 @@ def assert_gradequiv_step(
     # can be intended (positional encodings, outer products): a recorded broadcast
     # is stated as a cause when the gradients disagree, never warned about otherwise.
     opts["broadcast"] = "off"
-    return _execute(problem, opts, weights, sample_batch)
+    return _execute(problem, opts, weights, sample_batch, check="step")
 
 
 # --------------------------------------------------------------------------- driver
 
 
 def _execute(
-    problem: "TorchProblem", opts: Mapping[str, Any], weights: WeightsArg, sample_of: Callable[[int], Any]
+    problem: "TorchProblem",
+    opts: Mapping[str, Any],
+    weights: WeightsArg,
+    sample_of: Callable[[int], Any],
+    check: str = "per-sample",
 ) -> GradEquivReport:
     __tracebackhide__ = True
     w = resolve_weights(weights, problem.batch_size, sample_of)
@@ -236,7 +253,10 @@ def _execute(
                 weights=w,
                 rtol=opts["rtol"],
                 atol=opts["atol"],
+                rtol_float64=opts["rtol_float64"],
+                atol_float64=opts["atol_float64"],
                 float64_recheck=opts["float64_recheck"],
+                check=check,
             )
         except GradEquivError as err:
             err.report.per_sample_gradients = per_sample

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._tracking import as_one_check
 from .errors import BroadcastError, GradEquivError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ def fuzz_gradequiv(
     ``None`` an anonymous one), builds a model for each, and checks that the
     batch gradient equals the accumulated per-sample gradients. On a failure
     it shrinks to the smallest failing case and raises
-    :class:`~pytest_gradcheck.GradEquivError`, whose message starts with it::
+    :class:`~pytest_gradcheck.GradEquivError`, whose message starts with the cause
+    (CI logs show the first line), then names the example (``err.report.example``)::
 
         smallest failing example: batch_size=2, input (2, 1), target (2,)
 
@@ -99,7 +101,7 @@ def fuzz_gradequiv(
     ...         max_examples=10,
     ...     )
     ... except AssertionError as err:
-    ...     print(str(err).splitlines()[0])
+    ...     print(err.report.example)
     smallest failing example: batch_size=2, features=1, input (2, 1), target (2,)
     """
     __tracebackhide__ = True
@@ -180,7 +182,8 @@ def fuzz_gradequiv(
     )(given(batch=strategy)(fuzz_example))
     if seed is not None:
         run = hypothesis_seed(seed)(run)
-    run()
+    with as_one_check("fuzz"):  # one fuzz run is one check for the session's records, however many examples
+        run()
 
 
 def _describe(batch: Batch) -> str:

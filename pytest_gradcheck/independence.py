@@ -36,7 +36,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from ._options import check_batch_sizes, check_tolerance
+from ._options import check_batch_sizes, check_tolerance, takes_test_defaults
 from ._torch.inputs import check_model
 from ._torch.problem import check_sample_mixing
 from ._torch.randomness import NeutralDropout
@@ -78,6 +78,7 @@ _PERTURBED = "a perturbed batch (other samples' inputs replaced by values drawn 
 # --------------------------------------------------------------------------- public API
 
 
+@takes_test_defaults("independent")
 def assert_batch_independent(
     model: torch.nn.Module,
     inputs: TensorOrTuple,

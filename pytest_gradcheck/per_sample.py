@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ._options import validate_options
+from ._options import takes_test_defaults, validate_options
 from ._torch.inputs import TensorOrTuple, loss_call_arguments
 from ._torch.loss import loss_step_builder
 from ._torch.problem import TorchProblem
@@ -28,6 +28,7 @@ from .verdict import run_check
 __all__ = ["assert_per_sample_gradients"]
 
 
+@takes_test_defaults("per_sample_gradients")
 def assert_per_sample_gradients(
     model: torch.nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -37,6 +38,8 @@ def assert_per_sample_gradients(
     grads: Optional[Mapping[str, torch.Tensor]] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    rtol_float64: Optional[float] = None,
+    atol_float64: Optional[float] = None,
     reference: str = "auto",
     float64_recheck: bool = True,
 ) -> GradEquivReport:
@@ -67,7 +70,16 @@ def assert_per_sample_gradients(
     True
     """
     __tracebackhide__ = True
-    opts = validate_options({"rtol": rtol, "atol": atol, "reference": reference, "float64_recheck": float64_recheck})
+    opts = validate_options(
+        {
+            "rtol": rtol,
+            "atol": atol,
+            "rtol_float64": rtol_float64,
+            "atol_float64": atol_float64,
+            "reference": reference,
+            "float64_recheck": float64_recheck,
+        }
+    )
     inputs_t, targets_t, targets_is_tuple = loss_call_arguments(model, loss_fn, inputs, targets)
     build = loss_step_builder(loss_fn, has_targets=bool(targets_t), targets_is_tuple=targets_is_tuple)
     inner = TorchProblem(
@@ -86,6 +98,8 @@ def assert_per_sample_gradients(
             reduction="sum",
             rtol=opts["rtol"],
             atol=opts["atol"],
+            rtol_float64=opts["rtol_float64"],
+            atol_float64=opts["atol_float64"],
             float64_recheck=opts["float64_recheck"],
             check="grad-sample",
         )

@@ -12,18 +12,21 @@ marker > command-line options > ini options > built-in defaults.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import pytest
 
-from ._options import MARKER_HELP, SESSION_OPTIONS
+from . import results
+from ._options import MARKER_HELP, SESSION_OPTIONS, set_test_defaults
 from ._tracking import collecting
 from .errors import BroadcastError, GradEquivError
 from .fixture import CURRENT_ITEM_KEY, SETTINGS_KEY, GradEquivFixture, marker_options, resolve_settings
 
 __all__ = ["GradEquivFixture"]
 
-_PROPERTY = "gradequiv"
+_RECORDS_KEY = pytest.StashKey["list[results.Record]"]()  # on an item: the records of its checks
+_PREVIOUS_DEFAULTS_KEY = pytest.StashKey["dict[str, Any]"]()  # on an item: the check defaults before it ran
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,6 +39,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
+    from .report.format import set_rootdir  # torch-free
+
+    previous = set_rootdir(str(config.rootpath))  # reports show the user's paths relative to it
+
+    def restore_rootdir() -> None:
+        set_rootdir(previous)
+
+    config.add_cleanup(restore_rootdir)
     config.stash[SETTINGS_KEY] = resolve_settings(config)
     config.stash[CURRENT_ITEM_KEY] = None
     config.pluginmanager.register(_Summary(config), "gradcheck-summary")
@@ -58,10 +69,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("gradequiv") is not None:
         marker_options(item)  # a bad option fails here, before the test body runs
     item.config.stash[CURRENT_ITEM_KEY] = item
+    # every check of the test, direct assert_* calls included, defaults to the session and the marker
+    defaults = {**item.config.stash[SETTINGS_KEY].check_options(), **marker_options(item)}
+    item.stash[_PREVIOUS_DEFAULTS_KEY] = set_test_defaults(defaults)
 
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     item.config.stash[CURRENT_ITEM_KEY] = None
+    set_test_defaults(item.stash.get(_PREVIOUS_DEFAULTS_KEY, None))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -69,19 +84,20 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     with collecting() as reports:
         try:
             result = yield
-        finally:  # count the checks of a failing test too
-            if reports:
-                item.user_properties.append(
-                    (
-                        _PROPERTY,
-                        {
-                            "checks": len(reports),
-                            "failed": sum(not r.passed for r in reports),
-                            "loop": sum(getattr(r, "reference_method", "") == "loop" for r in reports),
-                            "rounding": sum(bool(getattr(r, "rounding", False)) for r in reports),
-                        },
-                    )
-                )
+        finally:  # record the checks of a failing test too
+            rootdir = str(item.config.rootpath)
+            records = [
+                results.make_record(r, item.nodeid, secs, rootdir, kind)
+                for r, secs, kind in zip(reports, reports.seconds, reports.kinds)
+            ]
+            item.stash[_RECORDS_KEY] = records
+            limit = item.config.stash[SETTINGS_KEY]["max_margin"]
+            near = [r for r in records if limit is not None and results.over_margin(r, limit)]
+            messages = [results.fail_near_miss(r, limit) for r in near]
+            if records:
+                item.user_properties.extend(results.junit_properties(records))
+    if messages:
+        pytest.fail("\n".join(messages), pytrace=False)
     if not reports and item.get_closest_marker("gradequiv") is not None:
         pytest.fail(
             f"{item.name} is marked gradequiv but ran no gradient check: call the gradequiv "
@@ -95,6 +111,9 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """An xfailed check carries its report into ``-rx``: a known bug stays explained."""
     report = yield
+    records = item.stash.get(_RECORDS_KEY, None) if call.when == "call" else None
+    if records:  # the records travel on the report (to the xdist controller too)
+        report.gradequiv_checks = records
     excinfo = call.excinfo
     if (
         getattr(report, "wasxfail", None) is not None
@@ -107,36 +126,50 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 class _Summary:
-    """Counts the checks of a session (from report properties, so xdist workers count too)."""
+    """The session's check records (read from the call reports, so xdist workers' checks count too).
+
+    At the end: the summary line (by default), the table of checks (``-v``),
+    GitHub Actions annotations and the ``--gradequiv-json`` document, all from
+    the controller (an xdist worker only sends its reports).
+    """
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.counts = {"checks": 0, "failed": 0, "tests": 0, "loop": 0, "rounding": 0}
+        self.records: list[results.Record] = []
+        self.worker = hasattr(config, "workerinput")
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
-            return
-        for name, value in report.user_properties:
-            if name == _PROPERTY and isinstance(value, dict):
-                self.counts["tests"] += 1
-                for key in ("checks", "failed", "loop", "rounding"):
-                    self.counts[key] += int(value.get(key, 0))
+        if report.when == "call":
+            self.records.extend(getattr(report, "gradequiv_checks", None) or [])
+
+    def _annotate(self) -> bool:
+        settings = self.config.stash[SETTINGS_KEY]
+        return bool(settings["annotations"]) or os.environ.get("GITHUB_ACTIONS") == "true"
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        c = self.counts
-        if not c["checks"] or self.config.option.verbose <= 0:
+        if self.worker or not self.records:
             return
         terminalreporter.write_sep("-", "gradequiv")
-        line = (
-            f"{c['checks']} gradient check{'s' if c['checks'] != 1 else ''} in "
-            f"{c['tests']} test{'s' if c['tests'] != 1 else ''}: "
-            f"{c['checks'] - c['failed']} passed, {c['failed']} failed"
-        )
-        if c["rounding"]:
-            line += f"; {c['rounding']} passed only after the float64 re-check (rounding)"
-        if c["loop"]:
-            line += f"; {c['loop']} used the per-sample loop (vmap could not run the model)"
-        terminalreporter.write_line(line)
+        terminalreporter.write_line(results.summary_line(self.records))
+        if self.config.option.verbose > 0:
+            for line in results.table(self.records):
+                terminalreporter.write_line(line)
+        else:
+            for line in results.rescued(self.records):
+                terminalreporter.write_line(line)
+        if self._annotate():
+            rootdir = str(self.config.rootpath)
+            workspace = os.environ.get("GITHUB_WORKSPACE")
+            for record in self.records:
+                error = results.annotation(record, rootdir, workspace)
+                if error is not None:
+                    terminalreporter.write_line(error)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        path = self.config.stash[SETTINGS_KEY]["json"]
+        if self.worker or path is None:
+            return
+        results.write_json(os.path.join(self.config.invocation_params.dir, path), self.records)
 
 
 @pytest.fixture(scope="session")

@@ -117,11 +117,17 @@ def run_check(
     weights: Optional["np.ndarray"] = None,
     rtol: float | None = None,
     atol: float | None = None,
+    rtol_float64: float | None = None,
+    atol_float64: float | None = None,
     float64_recheck: bool = True,
     check: str = "per-sample",
     notes: Sequence[str] = (),
 ) -> GradEquivReport:
-    """Compare, re-check in float64, diagnose; return the report or raise ``GradEquivError``."""
+    """Compare, re-check in float64, diagnose; return the report or raise ``GradEquivError``.
+
+    ``rtol``/``atol`` are the working dtype's tolerances; the float64 re-check keeps float64's
+    own (``DEFAULT_RTOL["float64"]``) unless ``rtol_float64``/``atol_float64`` are given.
+    """
     __tracebackhide__ = True
     import numpy as np
 
@@ -136,7 +142,10 @@ def run_check(
 
     def evaluate(float64: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Comparison]]:
         precision = "float64" if float64 else problem.dtype
-        r, a = default_tolerances(problem.dtype if fixed else precision, rtol, atol)
+        if float64 and not fixed and problem.dtype != "float64":
+            r, a = default_tolerances("float64", rtol_float64, atol_float64)
+        else:
+            r, a = default_tolerances(problem.dtype if fixed else precision, rtol, atol)
         g = problem.batch_gradient(float64)
         g_side = Side(g, list(g))
         _raise_non_finite(g_side, "batch gradient", _OVERFLOW)  # before the reference is computed

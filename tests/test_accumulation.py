@@ -78,7 +78,14 @@ def test_mean_of_micro_batch_means_fails_and_names_the_token_weighting() -> None
     assert finding.weights is not None
     np.testing.assert_allclose(finding.weights, np.array([7.0, 8.0, 8.0]) / (23 / 3))
     text = str(info.value)
-    assert text.startswith("Gradients are NOT equivalent: the batch gradient is not the mean of micro-batch gradients")
+    first, verdict = text.splitlines()[:2]
+    assert first == (
+        "the batch gradient weights the micro-batches by their number of non-ignored targets (targets != -100), "
+        "not the mean of micro-batch gradients"
+    )
+    assert verdict.startswith(
+        "Gradients are NOT equivalent: the batch gradient is not the mean of micro-batch gradients"
+    )
     assert "3 micro-batches · float32" in text
     assert "weighted by their number of non-ignored targets (targets != -100)" in text
     assert "6 samples split into 3 micro-batches of sizes [2, 2, 2]" in text
@@ -340,7 +347,8 @@ def test_user_test_file_shows_the_weighting_that_matches(pytester: pytest.Pytest
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*GradEquivError: Gradients are NOT equivalent: the batch gradient is not the mean of micro-batch gradients*",
+            "*GradEquivError: the batch gradient weights the micro-batches by their number of non-ignored targets*",
+            "*Gradients are NOT equivalent: the batch gradient is not the mean of micro-batch gradients*",
             "*2 micro-batches · float32 · cpu · reference: micro-batches run one by one*",
             "*would have matched: mean weighted by their number of non-ignored targets (targets != -100)*",
             "*Accumulation: to reproduce the full-batch gradient, scale micro-batch k's loss*",

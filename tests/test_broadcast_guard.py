@@ -65,7 +65,8 @@ def test_seed000_xor_labels_error_names_op_shapes_file_and_line() -> None:
     line = _line_of("# <- seed000")
     for part in ("sub", "(4, 1)", "(4,)", "(4, 4)", f"{BASENAME}:{line}"):
         assert part in msg
-    assert msg.startswith(f"{BASENAME}:{line}: sub((4, 1), (4,)) -> (4, 4): both operands were expanded")
+    # the path is relative to pytest's rootdir (the repository), not a bare file name
+    assert msg.startswith(f"tests/{BASENAME}:{line}: sub((4, 1), (4,)) -> (4, 4): both operands were expanded")
     assert "labels" in msg  # the suggestion names the variable
     (record,) = info.value.records
     assert record.op == "sub"
@@ -594,10 +595,11 @@ def test_record_formatting_and_make_record() -> None:
     r = BroadcastRecord(
         "sub", ((4, 1), (4,)), (4, 4), "/somewhere/test_xor.py", 21, "x", "did you mean labels.view(4, 1)?"
     )
-    assert r.location() == "test_xor.py:21"
+    assert r.location() == "/somewhere/test_xor.py:21"  # outside the rootdir: the full path, never a bare name
     assert r.describe() == "sub((4, 1), (4,)) -> (4, 4): both operands were expanded"
     assert r.message() == (
-        "test_xor.py:21: sub((4, 1), (4,)) -> (4, 4): both operands were expanded; did you mean labels.view(4, 1)?"
+        "/somewhere/test_xor.py:21: sub((4, 1), (4,)) -> (4, 4): both operands were expanded; "
+        "did you mean labels.view(4, 1)?"
     )
     assert (
         BroadcastRecord("where", ((4, 1), (4, 1), (4,)), (4, 4), "f.py", 1)

@@ -195,7 +195,7 @@ def test_seed000_label_shape_broadcast_is_caught_and_explained() -> None:
         assert_gradequiv(xor_net(), lambda out, y: (out - y).pow(2).mean(), x, labels)
     text = str(info.value)
     assert "not the mean of per-sample gradients" in text
-    assert "implicit broadcast in the loss at test_engine.py:" in text
+    assert "implicit broadcast in the loss at tests/test_engine.py:" in text
     assert "sub((4, 1), (4,)) -> (4, 4)" in text
     assert "survives a float64 re-check" in text
     kinds = [f.kind for f in info.value.report.findings]

@@ -33,9 +33,9 @@ def test_finite_differences_catch_a_wrong_sigmoid_derivative() -> None:
     report = info.value.report
     assert {p.name for p in report.failing} == {"W1", "b1"}
     msg = str(info.value)
-    assert msg.startswith(
-        "Analytic gradients do NOT match central finite differences: 2 of 4 parameters differ (W1, b1)."
-    )
+    first, verdict = msg.splitlines()[:2]
+    assert first.startswith("the analytic gradient of W1, b1 does not follow loss_fn: a derivative")  # the cause
+    assert verdict == "Analytic gradients do NOT match central finite differences: 2 of 4 parameters differ (W1, b1)."
     assert "Worst entries:" in msg and "W2, b2 match" in msg
     worst = next(p for p in report.failing if p.name == "W1").worst[0]
     assert abs(worst.analytic - worst.numeric) > 1e-3
@@ -132,7 +132,9 @@ def test_the_renderer_words_a_scale_factor(factor: float, words: str) -> None:
 def test_the_renderer_words_the_cause_the_check_decided() -> None:
     bad, ok = _figures("W1", 0.3, passed=False, fits=False), _figures("W2", 1.0, passed=True)
     text = str(_report(bad, ok, cause=CAUSE_DERIVATIVE))
-    assert text.startswith("Analytic gradients do NOT match central finite differences: 1 of 2 parameters differ (W1).")
+    first, verdict = text.splitlines()[:2]
+    assert first.startswith("the analytic gradient of W1 does not follow loss_fn")
+    assert verdict == "Analytic gradients do NOT match central finite differences: 1 of 2 parameters differ (W1)."
     assert "Cause: the analytic gradient of W1 does not follow loss_fn" in text
     assert "  W2 matches: backprop carries an error backwards" in text
     assert "Worst entries:" in text and "(0, 1)" in text

@@ -143,7 +143,11 @@ def test_permute_passes_and_view_across_the_batch_is_flagged_with_pairs() -> Non
     assert 1 in report.not_own and 0 not in report.not_own
     assert report.causes[0] == "view"
     text = str(err)
-    assert text.startswith("Samples are NOT independent: the output of 8 of 8 checked samples depends")
+    first, verdict = text.splitlines()[:2]
+    assert first.startswith("output of sample 0 depends on input of sample 2 (and ")
+    assert first.endswith("more pairs): likely a view/reshape across the batch dimension")
+    assert verdict.startswith("Samples are NOT independent: the output of 8 of 8 checked samples depends")
+    assert err.report.cause == "view"
     assert "output of sample 0 depends on input of sample 2; also on samples 4, 6" in text
     assert "Cause: likely a view/reshape across the batch dimension" in text
     assert "do not depend on their own input" in text
@@ -403,7 +407,8 @@ def test_user_test_file_reports_the_leaking_pairs(pytester: pytest.Pytester) -> 
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*BatchLeakError: Samples are NOT independent: the output of 6 of 6 checked samples*",
+            "*BatchLeakError: output of sample 0 depends on input of sample 2 (and * more pairs): likely a view*",
+            "*Samples are NOT independent: the output of 6 of 6 checked samples*",
             "*output of sample 0 depends on input of sample 2*",
             "*Cause: likely a view/reshape across the batch dimension*",
             "*What to do: reorder axes with .permute()/.transpose()*",

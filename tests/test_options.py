@@ -308,11 +308,16 @@ def test_validate_options_names_the_option_and_the_source() -> None:
 
 def test_marker_help_is_the_full_signature(pytester: pytest.Pytester) -> None:
     assert MARKER_HELP.startswith(
-        "gradequiv(*, rtol=None, atol=None, reduction='mean', weights=None, broadcast='warn', "
+        "gradequiv(*, rtol=None, atol=None, rtol_float64=None, atol_float64=None, reduction='mean', weights=None, "
+        "broadcast='warn', "
         "reference='auto', float64_recheck=True, per_sample=False): "
     )
     result = pytester.runpytest("--markers", "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines(["@pytest.mark.gradequiv(*, rtol=None, atol=None, reduction='mean', *): *"])
+    result.stdout.fnmatch_lines(
+        [
+            "@pytest.mark.gradequiv(*, rtol=None, atol=None, rtol_float64=None, atol_float64=None, reduction='mean', *): *"
+        ]
+    )
 
 
 def test_strict_markers_pass(pytester: pytest.Pytester) -> None:
@@ -337,9 +342,11 @@ def test_every_session_option_has_a_flag_and_an_ini_key(pytester: pytest.Pyteste
     result.stdout.fnmatch_lines(
         [
             "  --gradequiv-rtol=RTOL",
-            "*relative tolerance of the checks (default: by dtype)",
+            "*relative tolerance in the working dtype (default: by*",
             "  --gradequiv-atol=ATOL",
-            "*absolute tolerance of the checks (default: 0)",
+            "*absolute tolerance in the working dtype (default: 0)",
+            "  --gradequiv-rtol-float64=RTOL_FLOAT64",
+            "*relative tolerance of the float64 re-check (default:*",
             "  --gradequiv-broadcast={off,warn,error}",
             "*implicit broadcasts in loss terms: off, warn or error*",
         ]
@@ -352,7 +359,9 @@ def test_header_shows_the_session_settings(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\ngradequiv_atol = 1e-9\n")
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
     result = pytester.runpytest("--gradequiv-broadcast=error", "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines(["gradcheck: rtol=by dtype, atol=1e-09, broadcast=error"])
+    result.stdout.fnmatch_lines(
+        ["gradcheck: rtol=by dtype, atol=1e-09, rtol_float64=1e-07, atol_float64=0, broadcast=error"]
+    )
     pytester.makeini("[pytest]\n")
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.stdout.no_fnmatch_line("gradcheck:*")
@@ -387,6 +396,8 @@ def test_accepted_is_the_one_rule() -> None:
     assert set(accepted("accumulation", everything)) == {
         "rtol",
         "atol",
+        "rtol_float64",
+        "atol_float64",
         "reduction",
         "weights",
         "broadcast",
@@ -417,3 +428,154 @@ def test_a_new_option_is_one_declaration() -> None:
     assert notes.from_ini(" yes ") is True and json.from_ini("a.json") == "a.json"
     with pytest.raises(InvalidArgument, match="Invalid annotations='maybe' from ini option gradequiv_annotations"):
         notes.from_ini("maybe")
+
+
+# --------------------------------------------------------------------------- tolerances per dtype
+
+
+@pytest.mark.parametrize(
+    "ini, args, marker, call, working, recheck",
+    [
+        (["gradequiv_rtol = 2e-4"], [], "", "", 2e-4, 1e-7),  # the ini rtol does not loosen float64
+        ([], ["--gradequiv-rtol=3e-4"], "", "", 3e-4, 1e-7),
+        ([], [], "rtol=4e-4", "", 4e-4, 1e-7),
+        ([], [], "", "rtol=5e-4", 5e-4, 1e-7),
+        (["gradequiv_rtol_float64 = 1e-6"], [], "", "", 1e-4, 1e-6),
+        ([], ["--gradequiv-rtol-float64=2e-6"], "", "", 1e-4, 2e-6),
+        ([], [], "rtol_float64=3e-6", "", 1e-4, 3e-6),
+        (["gradequiv_rtol_float64 = 1e-6"], [], "rtol=2e-4", "rtol_float64=4e-6", 2e-4, 4e-6),
+    ],
+)
+def test_a_user_rtol_loosens_the_working_dtype_only(
+    pytester: pytest.Pytester,
+    ini: list[str],
+    args: list[str],
+    marker: str,
+    call: str,
+    working: float,
+    recheck: float,
+) -> None:
+    """``rtol`` is the working dtype's tolerance; the float64 re-check keeps its own unless ``rtol_float64`` is set."""
+    if ini:
+        pytester.makeini("[pytest]\n" + "\n".join(ini) + "\n")
+    write_tests(
+        pytester,
+        f"""
+        from pytest_gradcheck import GradEquivError
+
+        def summed(out, y):
+            return ((out - y) ** 2).sum()  # declared mean: a factor-B bug, re-checked in float64
+
+        @pytest.mark.gradequiv({marker})
+        def test_level(gradequiv):
+            with pytest.raises(GradEquivError) as info:
+                gradequiv(mlp(), summed, torch.randn(4, 3), torch.randn(4, 1), {call})
+            report = info.value.report
+            assert report.working.rtol == {working!r}
+            assert report.float64 is not None and report.float64.rtol == {recheck!r}
+            assert "(rtol={recheck:g})" in str(report)
+        """,
+    )
+    pytester.runpytest(*args, "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_rtol_float64_on_a_direct_call() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from pytest_gradcheck import GradEquivError, assert_gradequiv
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+    def summed(out: Any, y: Any) -> Any:
+        return F.mse_loss(out, y, reduction="sum")
+
+    with pytest.raises(GradEquivError) as info:
+        assert_gradequiv(model, summed, torch.randn(4, 3), torch.randn(4, 1), rtol=1e-3, atol_float64=1e-12)
+    report = info.value.report
+    assert (report.working.rtol, report.working.atol) == (1e-3, 0.0)
+    assert report.float64 is not None and (report.float64.rtol, report.float64.atol) == (1e-7, 1e-12)
+    with pytest.raises(InvalidArgument, match="rtol_float64"):
+        assert_gradequiv(model, summed, torch.randn(4, 3), torch.randn(4, 1), rtol_float64=-1.0)
+
+
+# --------------------------------------------------------------------------- direct calls follow the session
+
+
+@pytest.mark.parametrize(
+    "ini, args, marker, call, expected",
+    [
+        ([], [], "", "", 1e-4),  # default: by dtype
+        (["gradequiv_rtol = 0.25"], [], "", "", 0.25),
+        (["gradequiv_rtol = 0.25"], ["--gradequiv-rtol=0.125"], "", "", 0.125),
+        (["gradequiv_rtol = 0.25"], ["--gradequiv-rtol=0.125"], "rtol=0.0625", "", 0.0625),
+        (["gradequiv_rtol = 0.25"], ["--gradequiv-rtol=0.125"], "rtol=0.0625", "rtol=0.03125", 0.03125),
+    ],
+)
+def test_each_level_of_precedence_reaches_a_direct_call(
+    pytester: pytest.Pytester, ini: list[str], args: list[str], marker: str, call: str, expected: float
+) -> None:
+    """call > marker > command line > ini > default for ``assert_gradequiv`` called directly, not via the fixture."""
+    if ini:
+        pytester.makeini("[pytest]\n" + "\n".join(ini) + "\n")
+    write_tests(
+        pytester,
+        f"""
+        from pytest_gradcheck import assert_gradequiv, assert_batch_independent
+
+        @pytest.mark.gradequiv({marker})
+        def test_level():
+            report = assert_gradequiv(mlp(), F.mse_loss, torch.randn(4, 3), torch.randn(4, 1), {call})
+            assert report.working.rtol == {expected!r}
+            assert assert_batch_independent(mlp(), torch.randn(4, 3), {call}).rtol == {expected!r}
+        """,
+    )
+    pytester.runpytest(*args, "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_session_broadcast_error_reaches_direct_calls_in_threads(
+    pytester: pytest.Pytester, run_mode: list[str]
+) -> None:
+    write_tests(
+        pytester,
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pytest_gradcheck import BroadcastError, assert_gradequiv, assert_accumulation_equiv
+
+        def paired(out, y):  # a (4, 1) - (4,) broadcast in the loss that leaves the gradient right
+            return F.mse_loss(out, y.unsqueeze(-1)) + 0.0 * (out - y).sum()
+
+        def test_direct_call_in_a_worker_thread():
+            x, y = torch.randn(4, 3), torch.randn(4)
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(assert_gradequiv, mlp(), paired, x, y)
+                with pytest.raises(BroadcastError):
+                    future.result()
+
+        def test_the_call_keyword_wins():
+            x, y = torch.randn(4, 3), torch.randn(4, 1)
+            report = assert_accumulation_equiv(mlp(), F.mse_loss, x, y, micro_batches=2, broadcast="off")
+            assert report.passed and report.working.rtol == 0.5
+
+        def test_no_session_after_the_test():
+            from pytest_gradcheck._options import current_test_defaults
+            assert current_test_defaults() == {"rtol": 0.5, "broadcast": "error"}
+        """,
+    )
+    result = pytester.runpytest(
+        "--gradequiv-broadcast=error", "--gradequiv-rtol=0.5", "-p", "no:cacheprovider", *run_mode
+    )
+    result.assert_outcomes(passed=3)
+
+
+def test_the_defaults_are_cleared_after_a_test() -> None:
+    from pytest_gradcheck._options import current_test_defaults, set_test_defaults
+
+    previous = set_test_defaults({"rtol": 0.5})
+    try:
+        assert current_test_defaults() == {"rtol": 0.5}
+    finally:
+        set_test_defaults(previous)
+    assert current_test_defaults() == previous

@@ -45,7 +45,9 @@ def test_a_grad_sampler_off_by_b_names_parameter_samples_and_factor() -> None:
     with pytest.raises(GradEquivError) as info:
         assert_per_sample_gradients(model, F.mse_loss, x, y, grads=bad)
     text = str(info.value)
-    assert text.startswith("Per-sample gradients are NOT equivalent: 6 of 24")
+    first, verdict = text.splitlines()[:2]
+    assert first == "per-sample gradient rows of 0.weight: B times the reference (B=6), in all 6 samples"
+    assert verdict.startswith("Per-sample gradients are NOT equivalent: 6 of 24")
     assert "0.weight: B times the reference (B=6), in all 6 samples." in text
     assert "2.bias" not in text.split("Cause:")[1]
 

@@ -95,6 +95,8 @@ def test_float64_rounding_rows_are_marked_and_said() -> None:
     assert "shrink in float64 as rounding error does" in text and "k.bias" in text
 
 
-def test_the_fuzz_example_comes_first() -> None:
+def test_the_fuzz_example_comes_right_below_the_cause() -> None:
     r = report(passed=False, example="smallest failing example: batch_size=2")
-    assert render(r).splitlines()[0] == "smallest failing example: batch_size=2"
+    lines = render(r).splitlines()
+    assert lines[0] == "the batch gradient is not the mean of per-sample gradients (1 of 2 parameters differ)"
+    assert lines[2] == "smallest failing example: batch_size=2"

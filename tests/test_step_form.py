@@ -205,7 +205,7 @@ def test_step_form_names_a_broadcast_in_the_loss() -> None:
     with pytest.raises(GradEquivError) as info:
         assert_gradequiv_step(lambda m, b: F.mse_loss(m(b[0]), b[1]), model, (x, y))
     text = str(info.value)
-    assert "implicit broadcast in the training step at test_step_form.py:" in text
+    assert "implicit broadcast in the training step at tests/test_step_form.py:" in text
     assert "mse_loss((16, 1), (16, 1, 1)) -> (16, 16, 1)" in text
 
 

@@ -37,12 +37,11 @@ torch nor numpy.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import InvalidArgument
-from ..report.format import fmt_shape
+from ..report.format import display_path, fmt_shape
 
 __all__ = [
     "DUNDERS",
@@ -89,7 +88,7 @@ class BroadcastRecord:
     told (no tensors seen, no parameters involved); False for a term between
     predictions only (in-batch pairs). Only the former get a reshape suggestion.
 
-    >>> r = BroadcastRecord("sub", ((4, 1), (4,)), (4, 4), "/x/test_xor.py", 21,
+    >>> r = BroadcastRecord("sub", ((4, 1), (4,)), (4, 4), "test_xor.py", 21,
     ...                     "loss = (out - labels).pow(2).mean()",
     ...                     "did you mean labels.unsqueeze(-1)?")
     >>> r.message()
@@ -106,8 +105,9 @@ class BroadcastRecord:
     loss_inputs: bool = True
 
     def location(self) -> str:
-        """``basename:line`` of the user's statement, e.g. ``"test_xor.py:21"``."""
-        return f"{os.path.basename(self.filename)}:{self.lineno}"
+        """``path:line`` of the user's statement, the path relative to pytest's rootdir (or the
+        working directory), e.g. ``"tests/test_xor.py:21"``; a file outside it keeps its full path."""
+        return f"{display_path(self.filename)}:{self.lineno}"
 
     def describe(self) -> str:
         """``"sub((4, 1), (4,)) -> (4, 4): both operands were expanded"``."""

@@ -43,6 +43,8 @@ def assert_ddp_equiv(
     reduction: str = "mean",
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    rtol_float64: Optional[float] = None,
+    atol_float64: Optional[float] = None,
     timeout: float = 60.0,
     step_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
     ddp_options: Optional[Mapping[str, Any]] = None,
@@ -120,7 +122,14 @@ def assert_ddp_equiv(
     """
     __tracebackhide__ = True
     launch = check_launch(world_size=world_size, backend=backend, timeout=timeout, start_method=start_method)
-    verdict = check_verdict(reduction=reduction, rtol=rtol, atol=atol, float64_recheck=float64_recheck)
+    verdict = check_verdict(
+        reduction=reduction,
+        rtol=rtol,
+        atol=atol,
+        float64_recheck=float64_recheck,
+        rtol_float64=rtol_float64,
+        atol_float64=atol_float64,
+    )
     options = check_ddp_options(ddp_options)
     work = check_workload(make_model, loss_fn, inputs, targets, step_fn)
     plan = plan_shards(work.batch_size, launch.world_size, shards=shards, sampler=sampler, micro_batches=micro_batches)
@@ -141,6 +150,8 @@ def assert_ddp_equiv(
         reduction=cfg.verdict.reduction,
         rtol=cfg.verdict.rtol,
         atol=cfg.verdict.atol,
+        rtol_float64=cfg.verdict.rtol_float64,
+        atol_float64=cfg.verdict.atol_float64,
         float64_recheck=cfg.verdict.float64_recheck,
         check="ddp",
         notes=problem.notes(),

@@ -75,6 +75,8 @@ class VerdictOptions:
     rtol: Optional[float]
     atol: Optional[float]
     float64_recheck: bool
+    rtol_float64: Optional[float] = None  # the float64 re-check's own tolerances (None: float64's default)
+    atol_float64: Optional[float] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,12 +152,16 @@ def _start_method(value: Any) -> str:
     return choice
 
 
-def check_verdict(*, reduction: Any, rtol: Any, atol: Any, float64_recheck: Any) -> VerdictOptions:
+def check_verdict(
+    *, reduction: Any, rtol: Any, atol: Any, float64_recheck: Any, rtol_float64: Any = None, atol_float64: Any = None
+) -> VerdictOptions:
     return VerdictOptions(
         reduction=check_choice(reduction, "reduction", ("mean", "sum", "auto")),
         rtol=check_tolerance(rtol, "rtol"),
         atol=check_tolerance(atol, "atol"),
         float64_recheck=check_bool(float64_recheck, "float64_recheck"),
+        rtol_float64=check_tolerance(rtol_float64, "rtol_float64"),
+        atol_float64=check_tolerance(atol_float64, "atol_float64"),
     )
 
 

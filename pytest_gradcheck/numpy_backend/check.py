@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .._options import validate_options
+from .._options import takes_test_defaults, validate_options
 from ..broadcast import emit_after_check
 from ..errors import InvalidArgument
 from ..report import GradEquivReport
@@ -20,6 +20,7 @@ from .problem import NumpyProblem
 __all__ = ["assert_gradequiv_numpy"]
 
 
+@takes_test_defaults("numpy")
 def assert_gradequiv_numpy(
     grad_fn: GradFn,
     params: ParamsArg,
@@ -30,6 +31,8 @@ def assert_gradequiv_numpy(
     weights: WeightsArg = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    rtol_float64: Optional[float] = None,
+    atol_float64: Optional[float] = None,
     broadcast: str = "warn",
     float64_recheck: bool = True,
     loss_fn: Optional[LossFn] = None,
@@ -88,6 +91,8 @@ def assert_gradequiv_numpy(
             "reduction": reduction,
             "rtol": rtol,
             "atol": atol,
+            "rtol_float64": rtol_float64,
+            "atol_float64": atol_float64,
             "broadcast": broadcast,
             "reference": reference,
             "float64_recheck": float64_recheck,
@@ -109,6 +114,8 @@ def assert_gradequiv_numpy(
             weights=w,
             rtol=opts["rtol"],
             atol=opts["atol"],
+            rtol_float64=opts["rtol_float64"],
+            atol_float64=opts["atol_float64"],
             float64_recheck=opts["float64_recheck"],
             # the problem's notes on grad_fn's runs come through run_notes, once the verdict is known
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["ParamComparison", "Comparison", "Finding", "GradEquivReport", "render"]
+__all__ = ["CAUSE_KEYS", "ParamComparison", "Comparison", "Finding", "GradEquivReport", "cause_key", "render"]
 
 
 def render(report: "GradEquivReport") -> str:
@@ -107,6 +107,38 @@ class Finding:
     counts: Optional[tuple[int, ...]] = None
 
 
+#: A finding's kind -> the stable key of the cause (``report.cause``); the first finding decides.
+#: Kinds not listed (a DDP cause: ``ddp-batchnorm``, ...) are their own key.
+CAUSE_KEYS: dict[str, str] = {
+    "broadcast": "broadcast",
+    "factor": "reduction-factor",
+    "known-weights": "weights",
+    "weights": "weights",
+    "unweighted": "unweighted",
+    "parameter-scale": "parameter-scale",
+    "coupled": "coupling",
+    "sample-mixing": "coupling",
+    "not-combination": "not-combination",
+    "grad-sample": "grad-sample",
+    "unidentifiable": "unidentified",
+}
+
+
+def cause_key(passed: bool, findings: "tuple[Finding, ...]") -> Optional[str]:
+    """The stable key of why a check failed, from its findings (``None`` for a pass).
+
+    ``"mismatch"`` when a failure has no diagnosis.
+
+    >>> cause_key(False, (Finding("broadcast"), Finding("coupled")))
+    'broadcast'
+    """
+    if passed:
+        return None
+    if not findings:
+        return "mismatch"
+    return CAUSE_KEYS.get(findings[0].kind, findings[0].kind)
+
+
 @dataclass
 class GradEquivReport:
     """Everything a gradient-equivalence check measured. ``str(report)`` renders it.
@@ -120,7 +152,7 @@ class GradEquivReport:
     """
 
     passed: bool
-    check: str  # "per-sample" | "accumulation" | "ddp"
+    check: str  # "per-sample" | "step" | "accumulation" | "ddp" | "grad-sample"
     backend: str  # "torch" | "numpy"
     batch_size: int
     dtype: str
@@ -149,6 +181,36 @@ class GradEquivReport:
     per_sample_gradients: Optional[dict[str, Any]] = field(default=None, repr=False)
 
     @property
+    def cause(self) -> Optional[str]:
+        """Why the check failed, as a stable key (``broadcast``, ``reduction-factor``, ``weights``,
+        ``unweighted``, ``parameter-scale``, ``coupling``, ``not-combination``, ``grad-sample``,
+        ``unidentified``, ``mismatch``, a DDP cause); ``None`` for a pass."""
+        return cause_key(self.passed, self.findings)
+
+    @property
+    def location(self) -> Optional[str]:
+        """``path:line`` of the user's broadcast behind a failure (relative to pytest's rootdir), or ``None``."""
+        if self.passed:
+            return None
+        for f in self.findings:
+            for rec in f.records:
+                loc = getattr(rec, "location", None)
+                if callable(loc):
+                    return str(loc())
+        return None
+
+    @property
+    def reference_reason(self) -> Optional[str]:
+        """Why the reference was computed the way it was, in words: vmap's failure when the check
+        fell back to the per-sample loop, ``"requested (reference='loop')"`` when the caller asked
+        for the loop, ``None`` for the common path (vmap) and the fixed methods of other checks."""
+        if self.fallback_reason:
+            return f"torch.func.vmap could not run the model: {self.fallback_reason}"
+        if self.reference_method == "loop":
+            return "requested (reference='loop')"
+        return None
+
+    @property
     def parameters(self) -> tuple[ParamComparison, ...]:
         """The per-parameter figures of the comparison the verdict rests on."""
         return self.final.params
@@ -159,10 +221,10 @@ class GradEquivReport:
         return self.float64 if self.float64 is not None else self.working
 
     def summary(self) -> str:
-        """The one-line verdict."""
-        from .render import headline
+        """The first line of the report: the verdict of a pass, the cause of a failure."""
+        from .render import cause_headline, headline
 
-        return headline(self)
+        return headline(self) if self.passed else cause_headline(self)
 
     def __str__(self) -> str:
         from .render import render

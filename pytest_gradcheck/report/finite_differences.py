@@ -20,6 +20,7 @@ __all__ = [
     "CAUSE_LOSS_IGNORES_PARAMS",
     "CAUSE_DERIVATIVE",
     "render",
+    "cause_headline",
     "headline",
 ]
 
@@ -114,9 +115,14 @@ class FiniteDifferenceReport:
     def parameters(self) -> tuple[FDParam, ...]:
         return self.params
 
+    @property
+    def location(self) -> Optional[str]:
+        """``path:line`` behind a failure: not known for this check (the error is in ``grad_fn``)."""
+        return None
+
     def summary(self) -> str:
-        """The one-line verdict."""
-        return headline(self)
+        """The first line of the report: the verdict of a pass, the cause of a failure."""
+        return headline(self) if self.passed else cause_headline(self)
 
     def __str__(self) -> str:
         return render(self)
@@ -134,6 +140,14 @@ def headline(report: FiniteDifferenceReport) -> str:
         f"Analytic gradients do NOT match central finite differences: {len(bad)} of {n} "
         f"parameter{plural} differ ({names})."
     )
+
+
+def cause_headline(report: FiniteDifferenceReport) -> str:
+    """The first line of a failure: the cause the check decided, in one clause."""
+    causes, _ = _causes(report)
+    if not causes:
+        return headline(report)
+    return causes[0].split("; ")[0].rstrip(".")
 
 
 def _factor_meaning(f: float, b: Optional[int]) -> str:
@@ -231,7 +245,8 @@ def _worst_table(report: FiniteDifferenceReport) -> list[str]:
 
 def render(report: FiniteDifferenceReport) -> str:
     """Render ``report`` as text (the ``GradEquivError`` message, ``str(report)``)."""
-    lines = [headline(report), "", *_context(report), "", *_params_table(report)]
+    top = [headline(report)] if report.passed else [cause_headline(report), headline(report)]
+    lines = [*top, "", *_context(report), "", *_params_table(report)]
     if not report.passed:
         lines += ["", "Worst entries:", *_worst_table(report)]
         causes, advice = _causes(report)

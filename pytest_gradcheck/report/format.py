@@ -6,9 +6,54 @@ Pure Python: importing it imports neither torch nor numpy.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
-__all__ = ["fmt_number", "fmt_ratio", "fmt_shape", "fmt_factor", "fmt_weights", "fmt_counts", "close_to", "columns"]
+__all__ = [
+    "display_path",
+    "set_rootdir",
+    "fmt_number",
+    "fmt_ratio",
+    "fmt_shape",
+    "fmt_factor",
+    "fmt_weights",
+    "fmt_counts",
+    "close_to",
+    "columns",
+]
+
+
+_rootdir: Optional[str] = None  # pytest's rootdir, set by the plugin at configure time
+
+
+def set_rootdir(path: Optional[str]) -> Optional[str]:
+    """Show paths in reports relative to ``path`` (pytest's rootdir; ``None``: the working directory).
+
+    Returns the previous setting, for the plugin to restore when its session ends.
+    """
+    global _rootdir
+    previous, _rootdir = _rootdir, (None if path is None else os.fspath(path))
+    return previous
+
+
+def display_path(filename: str) -> str:
+    """``filename`` relative to pytest's rootdir (or the working directory), ``/``-separated.
+
+    A file outside that directory keeps its full path: a bare file name is ambiguous.
+
+    >>> set_rootdir("/repo")
+    >>> display_path("/repo/tests/test_model.py"), display_path("/elsewhere/model.py")
+    ('tests/test_model.py', '/elsewhere/model.py')
+    >>> set_rootdir(None)
+    """
+    if not filename or not os.path.isabs(filename):
+        return filename.replace(os.sep, "/")
+    root = _rootdir if _rootdir is not None else os.getcwd()
+    try:
+        rel = os.path.relpath(filename, root)
+    except ValueError:  # another drive on Windows
+        return filename
+    return filename if rel.startswith("..") else rel.replace(os.sep, "/")
 
 
 def fmt_number(x: float) -> str:

@@ -17,6 +17,7 @@ __all__ = [
     "AloneMismatch",
     "BatchIndependenceReport",
     "render",
+    "cause_headline",
     "headline",
     "CAUSE_POOL",
     "CAUSE_VIEW",
@@ -119,9 +120,22 @@ class BatchIndependenceReport:
         """``(output sample, input sample)`` of every leak, without duplicates, sorted."""
         return tuple(sorted({(lk.output_sample, lk.input_sample) for lk in self.leaks}))
 
+    @property
+    def cause(self) -> Optional[str]:
+        """Why the check failed, as a stable key: the likely cause (``pool``, ``view``, ``mask``,
+        ``batch-size``), ``coupling`` when none stands out; ``None`` for a pass."""
+        if self.passed:
+            return None
+        return self.causes[0] if self.causes else "coupling"
+
+    @property
+    def location(self) -> Optional[str]:
+        """``path:line`` behind a failure: not known for this check (the leak is in the model)."""
+        return None
+
     def summary(self) -> str:
-        """The one-line verdict."""
-        return headline(self)
+        """The first line of the report: the verdict of a pass, the cause of a failure."""
+        return headline(self) if self.passed else cause_headline(self)
 
     def __str__(self) -> str:
         return render(self)
@@ -200,6 +214,20 @@ def headline(report: BatchIndependenceReport) -> str:
     )
 
 
+def cause_headline(report: BatchIndependenceReport) -> str:
+    """The first line of a failure: which samples leak into which, and the likely cause."""
+    if report.leaks:
+        first = min(report.leaks, key=lambda lk: (lk.output_sample, lk.input_sample))
+        more = len(report.pairs) - 1
+        what = first.sentence() + (f" (and {more} more pair{'s' if more != 1 else ''})" if more > 0 else "")
+    else:
+        bad = _fmt_samples([a.sample for a in report.alone], limit=6)
+        what = f"sample{'s' if len(report.alone) != 1 else ''} {bad} give a different output alone than in the batch"
+    if report.causes:
+        return f"{what}: likely {_SHORT_CAUSE[report.causes[0]]}"
+    return what
+
+
 def _evidence(lk: Leak) -> str:
     if lk.evidence == "gradient":
         rel = "" if math.isinf(lk.strength) else f", {lk.strength:.3g} x the sample's own row"
@@ -211,7 +239,8 @@ def _evidence(lk: Leak) -> str:
 
 def render(report: BatchIndependenceReport) -> str:
     """Render ``report`` as text (the ``BatchLeakError`` message, ``str(report)``)."""
-    lines = [headline(report), "", *_context_lines(report)]
+    top = [headline(report)] if report.passed else [cause_headline(report), headline(report)]
+    lines = [*top, "", *_context_lines(report)]
     for section in (_pair_lines(report), _alone_lines(report), _cause_lines(report), _note_lines(report)):
         if section:
             lines.append("")

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from . import Comparison, Finding, GradEquivReport, ddp
 from .format import close_to, columns, fmt_counts, fmt_factor, fmt_number, fmt_ratio, fmt_shape, fmt_weights
 
-__all__ = ["render", "headline"]
+__all__ = ["render", "headline", "cause_headline"]
 
 
 def _what(report: GradEquivReport) -> str:
@@ -80,6 +80,100 @@ def headline(report: GradEquivReport) -> str:
         f"Gradients are NOT equivalent: the batch gradient is not {_declared(report)} of "
         f"{what} ({n_fail} of {n} parameter{'s' if n != 1 else ''} differ{survives})."
     )
+
+
+def _broadcast_call(rec: object) -> str:
+    """``sub((8, 1), (8,)) -> (8, 8)``: the op and its shapes, without the prose."""
+    shapes = getattr(rec, "shapes", None)
+    if shapes is None:
+        return str(rec)
+    args = ", ".join(fmt_shape(s) for s in shapes)
+    return f"{getattr(rec, 'op', '?')}({args}) -> {fmt_shape(getattr(rec, 'result', ()))}"
+
+
+def _first_broadcast(f: Finding, report: GradEquivReport) -> str:
+    recs = f.records
+    if not recs:
+        return f"implicit broadcast in {report.broadcast_scope}"
+    rec = recs[0]
+    loc = rec.location() if hasattr(rec, "location") else "?"
+    line = f"implicit broadcast in {report.broadcast_scope} at {loc}: {_broadcast_call(rec)}"
+    if getattr(rec, "suggestion", None):
+        line += f"; {rec.suggestion}"
+    if len(recs) > 1:
+        line += f" (and {len(recs) - 1} more)"
+    return line
+
+
+def _first_factor(f: Finding, report: GradEquivReport) -> str:
+    b = report.batch_size
+    _, sym = _units(report)
+    factor = f.factor if f.factor is not None else float("nan")
+    what = _what(report)
+    declared = f"(declared: {report.reduction}{', weighted' if report.weighted else ''})"
+    if f.matched is not None and f.matched.endswith("sum") and report.reduction in ("mean", "auto"):
+        return f"the batch gradient is the SUM of {what}, {fmt_factor(factor)} times their mean {declared}"
+    if f.matched is not None and f.matched.endswith("mean") and report.reduction == "sum":
+        return f"the batch gradient is the MEAN of {what}, 1/{b} of their sum {declared}"
+    if abs(factor + 1) < 1e-3:
+        return f"the batch gradient has the opposite sign of {_declared(report)} of {what} (factor -1)"
+    if b and abs(factor * b - 1) < 1e-3:
+        return f"the batch gradient is 1/{sym} of {_declared(report)} of {what} ({sym}={b}): divided by {sym} once too often"
+    return f"the batch gradient is {fmt_factor(factor)} times {_declared(report)} of {what}; only the scale is off"
+
+
+def _first_parameter_scales(f: Finding, report: GradEquivReport) -> str:
+    groups: dict[str, list[str]] = {}
+    for name, factor in f.scales:
+        groups.setdefault(_name_factor(factor, report), []).append(name)
+    parts = [f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} {words}" for words, names in groups.items()]
+    rest = len(report.final.params) - len(f.scales)
+    return "; ".join(parts) + ("; every other parameter matches" if rest > 0 else "")
+
+
+def cause_headline(report: GradEquivReport) -> str:
+    """The first line of a failure: what is wrong and where, one wording per cause (``report.cause``)."""
+    what, declared = _what(report), _declared(report)
+    final = report.final
+    n_fail, n = len(final.failing), len(final.params)
+    if report.check == "ddp":
+        causes = ddp.cause_lines(report)
+        if causes:  # the cause, without its fix (the detail below says what to change)
+            return causes[0].split("; ")[0].rstrip(".")
+        return "the DDP gradient differs from the single-process full-batch gradient"
+    f = report.findings[0] if report.findings else None
+    kind = f.kind if f is not None else None
+    if f is None:
+        return (
+            f"the batch gradient is not {declared} of {what} ({n_fail} of {n} parameter{'s' if n != 1 else ''} differ)"
+        )
+    if kind == "broadcast":
+        return _first_broadcast(f, report)
+    if kind == "factor":
+        return _first_factor(f, report)
+    if kind == "parameter-scale":
+        return _first_parameter_scales(f, report)
+    if kind == "known-weights":
+        return f"the batch gradient weights the {_units(report)[0]} by {f.label}, not {declared} of {what}"
+    if kind == "weights":
+        how = "in proportion to a count per " + _unit(report) if f.counts else "unequally"
+        return f"the batch gradient weights the {_units(report)[0]} {how}, not {declared} of {what}"
+    if kind == "unweighted":
+        return f"the loss ignores the declared weights: the batch gradient is the plain {f.matched} of {what}"
+    if kind == "coupled":
+        return (
+            "the loss couples samples: no weighting of per-sample losses gives the batch loss "
+            f"({n_fail} of {n} parameter{'s' if n != 1 else ''} differ)"
+        )
+    if kind == "not-combination":
+        return f"samples interact: the batch gradient is no weighted combination of {what}"
+    if kind == "sample-mixing":
+        return (f.label or "a module mixes samples").split(": ")[0].rstrip(".")
+    if kind == "grad-sample":
+        more = sum(g.kind == "grad-sample" for g in report.findings) - 1
+        line = "per-sample gradient rows of " + _explain_grad_sample(f, report).rstrip(".")
+        return line + (f" (and {more} more parameter{'s' if more != 1 else ''})" if more > 0 else "")
+    return f"the batch gradient is not {declared} of {what}: too few gradient entries to tell why"
 
 
 def _context_line(report: GradEquivReport) -> str:
@@ -350,7 +444,7 @@ def _advice_lines(report: GradEquivReport) -> list[str]:
                 f"if the plain {f.matched} is intended, drop weights=...; otherwise make the loss "
                 "apply the weights (e.g. reduction='none', multiply by the weights, then reduce)."
             )
-        elif f.kind == "not-combination" and report.check == "per-sample":
+        elif f.kind == "not-combination" and report.check in ("per-sample", "step"):
             out.append(
                 "run pytest_gradcheck.assert_batch_independent(model, inputs) to find which "
                 "samples' outputs depend on each other."
@@ -371,9 +465,10 @@ def _compared_with(report: GradEquivReport) -> str:
 
 def render(report: GradEquivReport) -> str:
     """Render ``report`` as text (the ``GradEquivError`` message, ``str(report)``)."""
-    lines = [headline(report), "", _context_line(report)]
-    if report.example:
-        lines[:0] = [report.example, ""]
+    lines = [headline(report)] if report.passed else [cause_headline(report), headline(report)]
+    if report.example:  # the shrunk example (fuzz) right below the first line
+        lines[1:1] = ["", report.example, ""]
+    lines += ["", _context_line(report)]
     w = report.working
     lines.append(
         f"Compared with {_compared_with(report)} "
@@ -397,6 +492,11 @@ def render(report: GradEquivReport) -> str:
             lines.append(
                 f"float64 re-check: the differences vanish (max rel err {fmt_number(f64.max_rel_err)}, "
                 f"rtol={f64.rtol:g}): they were {report.dtype} rounding, not a bug."
+            )
+        elif {p.name for p in f64.failing} == {p.name for p in w.failing}:  # the same table: one line
+            lines.append(
+                f"float64 re-check: the mismatch survives in float64 with the same errors "
+                f"(rtol={f64.rtol:g}): a bug, not rounding."
             )
         else:
             lines.append(
