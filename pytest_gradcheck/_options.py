@@ -28,6 +28,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
+from ._tracking import record_error
 from .errors import InvalidArgument
 
 REDUCTIONS = ("mean", "sum", "auto")
@@ -377,6 +378,7 @@ def takes_test_defaults(check: str) -> Callable[[Check], Check]:
             if param.kind is inspect.Parameter.KEYWORD_ONLY and name in BY_NAME and check in BY_NAME[name].checks
         )
         read = current_test_defaults
+        failed_to_run, on_failure = InvalidArgument, record_error  # closure cells: the wrapper runs in fn's globals
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             __tracebackhide__ = True
@@ -384,7 +386,11 @@ def takes_test_defaults(check: str) -> Callable[[Check], Check]:
             for name in names:
                 if name in defaults and name not in kwargs:
                     kwargs[name] = defaults[name]
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except failed_to_run as exc:  # a check that could not run is a result too (status "error")
+                on_failure(check, exc)
+                raise
 
         rebound = types.FunctionType(
             wrapper.__code__, fn.__globals__, fn.__name__, wrapper.__defaults__, wrapper.__closure__

@@ -100,3 +100,48 @@ def _remove(scope: Scope) -> None:
         if _scopes[i] is scope:
             del _scopes[i]
             break
+
+
+#: the report kind of each public check, by its option-table name (see ``_options.CHECKS``)
+_KINDS = {
+    "gradequiv": "per-sample",
+    "step": "step",
+    "numpy": "numpy",
+    "accumulation": "accumulation",
+    "independent": "independence",
+    "per_sample_gradients": "grad-sample",
+}
+
+
+class CheckError:
+    """What :func:`record` keeps of a check that could not run (it raised ``InvalidArgument``).
+
+    ``cause`` is a stable key: ``randomness`` (a random step), ``unsupported-model`` (a model
+    that has no per-sample gradients, e.g. BatchNorm in train mode) or ``invalid-argument``.
+    """
+
+    passed = False
+    error = True
+
+    def __init__(self, check: str, exc: BaseException) -> None:
+        self.check = check
+        self.message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if type(exc).__name__ == "UnsupportedModelError":
+            random = self.message.startswith("the training step is random")
+            self.cause = "randomness" if random else "unsupported-model"
+        else:
+            self.cause = "invalid-argument"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def record_error(check: str, exc: BaseException) -> None:
+    """Record that a check raised ``exc`` instead of a verdict, once (nested checks re-raise it)."""
+    if getattr(exc, "_gradequiv_recorded", False):
+        return
+    try:
+        exc._gradequiv_recorded = True  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - an exception type with __slots__
+        pass
+    record(CheckError(_KINDS.get(check, check), exc))

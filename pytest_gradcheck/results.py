@@ -182,7 +182,7 @@ def make_record(report: Any, nodeid: str, seconds: float, rootdir: str, kind: Op
     return {
         "nodeid": nodeid,
         "check": kind or check_kind(report),
-        "status": "passed" if passed else ("error" if failed_recheck else "failed"),
+        "status": "passed" if passed else ("error" if failed_recheck or getattr(report, "error", False) else "failed"),
         "cause": cause_of(report),
         "location": location_of(report, rootdir),
         "message": _first_line(report),
@@ -244,11 +244,14 @@ def summary_line(records: Sequence[Record]) -> str:
     """``"5 gradient checks in 4 tests: 3 passed, 2 failed, 1 passed only after the float64 re-check"``."""
     n, tests = len(records), len({r["nodeid"] for r in records})
     passed = sum(r["status"] == "passed" for r in records)
+    errors = sum(r["status"] == "error" for r in records)
     rescued = sum(r["status"] == "passed" and r["float64"] == "rounding" for r in records)
     line = (
         f"{n} gradient check{'s' if n != 1 else ''} in {tests} test{'s' if tests != 1 else ''}: "
-        f"{passed} passed, {n - passed} failed"
+        f"{passed} passed, {n - passed - errors} failed"
     )
+    if errors:  # checks that could not run (a random step, a bad argument): counted apart
+        line += f", {errors} could not run"
     return line + f", {rescued} passed only after the float64 re-check"
 
 

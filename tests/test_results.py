@@ -344,3 +344,36 @@ def test_a_fuzz_run_is_one_check(pytester: pytest.Pytester, xdist: bool) -> None
     [failed] = tests["test_fuzz_finds_the_broadcast"]
     assert passed["check"] == failed["check"] == "fuzz"
     assert passed["status"] == "passed" and failed["status"] == "failed" and failed["cause"] == "broadcast"
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_checks_that_could_not_run_are_recorded_as_errors_with_their_cause(
+    pytester: pytest.Pytester, xdist: bool
+) -> None:
+    write(
+        pytester,
+        """
+        class Noisy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 1)
+
+            def forward(self, x):
+                return self.fc(x + torch.randn_like(x))
+
+        def test_random_step(gradequiv):
+            gradequiv(Noisy(), F.mse_loss, torch.randn(8, 4), torch.randn(8, 1))
+
+        def test_batchnorm(gradequiv):
+            gradequiv(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), F.mse_loss, torch.randn(8, 4), torch.randn(8, 3))
+        """,
+    )
+    result = run(pytester, xdist, "--gradequiv-json=out.json")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*2 gradient checks in 2 tests: 0 passed, 0 failed, 2 could not run*"])
+    records = by_test(load(pytester))
+    (random,) = records["test_random_step"]
+    assert random["status"] == "error" and random["cause"] == "randomness"
+    assert random["message"].startswith("the training step is random")
+    (bn,) = records["test_batchnorm"]
+    assert bn["status"] == "error" and bn["cause"] == "unsupported-model" and bn["check"] == "per-sample"
