@@ -25,23 +25,11 @@ __all__ = [
     "write_json",
 ]
 
+from .report import CAUSE_KEYS
+
 VERSION = 1
 
 Record = dict[str, Any]
-
-#: a finding's kind -> the record's ``cause`` key (the first finding decides)
-_CAUSE_OF_FINDING = {
-    "broadcast": "broadcast",
-    "factor": "reduction-factor",
-    "known-weights": "weights",
-    "weights": "weights",
-    "unweighted": "unweighted",
-    "parameter-scale": "parameter-scale",
-    "coupled": "coupling",
-    "sample-mixing": "coupling",
-    "not-combination": "not-combination",
-    "grad-sample": "grad-sample",
-}
 
 
 def _number(value: Any) -> Optional[float]:
@@ -123,7 +111,7 @@ def cause_of(report: Any) -> Optional[str]:
     if isinstance(cause, str):
         return cause
     for finding in getattr(report, "findings", ()):
-        key = _CAUSE_OF_FINDING.get(getattr(finding, "kind", ""))
+        key = CAUSE_KEYS.get(getattr(finding, "kind", ""))
         if key is not None:
             return key
     causes = getattr(report, "causes", ())  # independence
