@@ -41,7 +41,7 @@ from ._torch.problem import TorchProblem
 from .diagnosis import IGNORE_INDEX
 from .errors import GradEquivError, InvalidArgument, first_line
 from .report import GradEquivReport
-from .verdict import run_check
+from .verdict import run_check, verdict_options
 
 __all__ = ["assert_accumulation_equiv", "assert_accumulation_equiv_step", "split_sizes"]
 
@@ -414,11 +414,7 @@ def _run(
             problem,
             reduction=opts["reduction"],
             weights=w,
-            rtol=opts["rtol"],
-            atol=opts["atol"],
-            rtol_float64=opts["rtol_float64"],
-            atol_float64=opts["atol_float64"],
-            float64_recheck=opts["float64_recheck"],
+            **verdict_options(opts),
             check="accumulation",
             notes=notes,
         )

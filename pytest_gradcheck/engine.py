@@ -32,7 +32,7 @@ from ._torch.loss import loss_guard, loss_step_builder
 from ._torch.problem import TorchProblem
 from .errors import GradEquivError, InvalidArgument
 from .report import GradEquivReport
-from .verdict import run_check
+from .verdict import run_check, verdict_options
 
 __all__ = ["assert_gradequiv", "assert_gradequiv_step"]
 
@@ -251,11 +251,7 @@ def _execute(
                 problem,
                 reduction=opts["reduction"],
                 weights=w,
-                rtol=opts["rtol"],
-                atol=opts["atol"],
-                rtol_float64=opts["rtol_float64"],
-                atol_float64=opts["atol_float64"],
-                float64_recheck=opts["float64_recheck"],
+                **verdict_options(opts),
                 check=check,
             )
         except GradEquivError as err:

@@ -23,7 +23,7 @@ from ._torch.problem import TorchProblem
 from .compare import FlatGrads, Pair
 from .errors import InvalidArgument
 from .report import Finding, GradEquivReport
-from .verdict import run_check
+from .verdict import run_check, verdict_options
 
 __all__ = ["assert_per_sample_gradients"]
 
@@ -96,11 +96,7 @@ def assert_per_sample_gradients(
         return run_check(
             problem,
             reduction="sum",
-            rtol=opts["rtol"],
-            atol=opts["atol"],
-            rtol_float64=opts["rtol_float64"],
-            atol_float64=opts["atol_float64"],
-            float64_recheck=opts["float64_recheck"],
+            **verdict_options(opts),
             check="grad-sample",
         )
 

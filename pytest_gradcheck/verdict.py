@@ -110,6 +110,19 @@ def _run_notes(problem: GradientProblem, passed: bool) -> list[str]:
     return list(run_notes(passed)) if run_notes is not None else []
 
 
+#: the options of :func:`run_check` that a check passes through from its validated options
+VERDICT_OPTIONS = ("rtol", "atol", "rtol_float64", "atol_float64", "float64_recheck")
+
+
+def verdict_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The tolerances and the float64 re-check switch of validated check options, for :func:`run_check`.
+
+    >>> verdict_options({"rtol": 1e-3, "reduction": "sum", "float64_recheck": False})
+    {'rtol': 0.001, 'float64_recheck': False}
+    """
+    return {k: opts[k] for k in VERDICT_OPTIONS if k in opts}
+
+
 def run_check(
     problem: GradientProblem,
     *,

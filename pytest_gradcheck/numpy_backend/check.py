@@ -13,7 +13,7 @@ from .._options import takes_test_defaults, validate_options
 from ..broadcast import emit_after_check
 from ..errors import InvalidArgument
 from ..report import GradEquivReport
-from ..verdict import run_check
+from ..verdict import run_check, verdict_options
 from .arguments import Arrays, BatchArg, GradFn, LossFn, Params, ParamsArg, WeightsArg, left_as_found, resolve_weights
 from .problem import NumpyProblem
 
@@ -112,11 +112,7 @@ def assert_gradequiv_numpy(
             problem,
             reduction=opts["reduction"],
             weights=w,
-            rtol=opts["rtol"],
-            atol=opts["atol"],
-            rtol_float64=opts["rtol_float64"],
-            atol_float64=opts["atol_float64"],
-            float64_recheck=opts["float64_recheck"],
+            **verdict_options(opts),
             # the problem's notes on grad_fn's runs come through run_notes, once the verdict is known
         )
     if report.broadcasts:
