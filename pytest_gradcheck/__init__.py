@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "assert_accumulation_equiv_step": "accumulation",
     "fuzz_gradequiv": "fuzz",
     "assert_ddp_equiv": "ddp",
+    "assert_fsdp_equiv": "ddp",
     "assert_per_sample_gradients": "per_sample",
 }
 _SUBMODULES = frozenset({"strategies"})
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import strategies
     from .accumulation import assert_accumulation_equiv, assert_accumulation_equiv_step
     from .broadcast import allow_broadcast, no_implicit_broadcast
-    from .ddp import assert_ddp_equiv
+    from .ddp import assert_ddp_equiv, assert_fsdp_equiv
     from .engine import assert_gradequiv, assert_gradequiv_step
     from .errors import (
         BatchLeakError,

@@ -13,7 +13,6 @@ import doctest
 import importlib.util
 import multiprocessing
 import os
-import socket
 import sys
 import time
 from typing import Any
@@ -22,6 +21,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from parallel_steps import (
+    IDS,
+    LABELS,
+    TinyLM,
+    all_reduced_token_mean,
+    assert_no_ranks_left,
+    assert_port_free,
+    per_rank_token_mean,
+    record_ports,
+    token_count,
+)
 from torch import nn
 
 from pytest_gradcheck import GradEquivError, InvalidArgument, assert_ddp_equiv, assert_gradequiv_step, ddp
@@ -32,6 +42,7 @@ from pytest_gradcheck.report.ddp import (
     DDPRun,
     MicroBatchWeighting,
     NotRankAverage,
+    OwnCountPerRank,
     RankAverage,
     RanksDisagree,
     RankSpread,
@@ -138,62 +149,10 @@ def fails_on_rank_1(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- process bookkeeping
 
 
-def _proc_children(pid: int) -> list[tuple[int, str, str]]:
-    """(pid, state, cmdline) of the processes whose parent is ``pid`` (zombies included)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append((int(entry), fields[0], cmdline))
-    return out
-
-
-def leftover_ranks() -> list[tuple[int, str, str]]:
-    """Rank processes still around: our own children other than multiprocessing's two
-    long-lived helpers (forkserver, resource tracker), and any child of the forkserver."""
-    left = []
-    for pid, state, cmd in _proc_children(os.getpid()):
-        if "forkserver" in cmd:
-            left += _proc_children(pid)
-        elif "resource_tracker" not in cmd and "multiprocessing" in cmd:
-            left.append((pid, state, cmd))
-    return left
-
-
-def assert_no_ranks_left() -> None:
-    assert multiprocessing.active_children() == []
-    deadline = time.monotonic() + 5
-    while leftover_ranks() and time.monotonic() < deadline:  # the forkserver reaps asynchronously
-        time.sleep(0.05)
-    assert leftover_ranks() == []
-
-
 @pytest.fixture
 def used_ports(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The rendezvous ports the checks of one test listened on."""
-    ports: list[int] = []
-    original = ddp.launch.listening_socket
-
-    def recording() -> socket.socket:
-        sock = original()
-        ports.append(sock.getsockname()[1])
-        return sock
-
-    monkeypatch.setattr(ddp.launch, "listening_socket", recording)
-    return ports
-
-
-def assert_port_free(port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", port))
+    return record_ports(monkeypatch)
 
 
 # --------------------------------------------------------------------------- passing steps
@@ -325,6 +284,50 @@ def test_a_non_deterministic_factory_is_checked_from_rank_0s_parameters() -> Non
     assert report.passed
     assert "the ranks built different initial parameters (rank 1 differs from rank 0" in text
     assert "the reference starts from rank 0's, which DDP broadcast to every rank" in text
+
+
+# --------------------------------------------------------------------------- weights= (token-level losses)
+
+
+def test_a_loss_normalised_by_each_ranks_own_token_count_is_named() -> None:
+    """transformers issue 34242: the token count was taken per device; the declared weights (each
+    sequence's token count) make the reference the token-level mean over all ranks."""
+    with pytest.raises(GradEquivError) as info:
+        assert_ddp_equiv(TinyLM, per_rank_token_mean, IDS, LABELS, weights=token_count)
+    text = str(info.value)
+    assert text.splitlines()[0] == "each rank divided its loss by its own token count (ranks: 21 and 17 tokens)"
+    assert (
+        "Cause: each rank divided its loss by its own token count (ranks: 21 and 17 tokens); divide by the "
+        "token count over all ranks (all-reduce it) instead. DDP averages the ranks' gradients, so a token "
+        "counts 1/42 on rank 0, 1/34 on rank 1 instead of 1/38" in text
+    )
+    assert "the DDP gradient differs from the single-process weighted full-batch gradient" in text
+    assert "float64 re-check: the mismatch survives" in text
+    report = info.value.report
+    assert report.weighted and report.weights == (10.0, 11.0, 9.0, 8.0)
+    assert [type(f) for f in report.findings] == [OwnCountPerRank]
+    (finding,) = report.findings
+    assert (finding.level, finding.totals, finding.integral) == ("rank", ((21.0,), (17.0,)), True)
+    assert finding.weights == pytest.approx([38 / 42] * 2 + [38 / 34] * 2)
+    assert report.cause == "weights"
+    assert report.would_match == "each rank's loss divided by its own token count"
+
+
+def test_a_loss_normalised_by_the_all_reduced_token_count_passes() -> None:
+    report = assert_ddp_equiv(TinyLM, all_reduced_token_mean, IDS, LABELS, weights=torch.tensor([10, 11, 9, 8]))
+    assert report.passed and report.matched == "weighted mean"
+    text = str(report)
+    assert "the DDP gradient equals the single-process weighted full-batch gradient" in text
+    assert "the reference weights each sample by its declared weight (38 tokens in all; per rank: 21 and 17)" in text
+    assert report.reference_method in ("vmap", "loop")  # each sample run alone
+
+
+def test_weights_are_checked_before_any_process_starts() -> None:
+    with pytest.raises(InvalidArgument, match=r"weights has shape \(2,\): expected one weight per sample, \(4,\)"):
+        assert_ddp_equiv(TinyLM, all_reduced_token_mean, IDS, LABELS, weights=[1.0, 2.0])
+    with pytest.raises(InvalidArgument, match=r"weights\(sample 0\) returned a tensor of shape \(12,\)"):
+        assert_ddp_equiv(TinyLM, all_reduced_token_mean, IDS, LABELS, weights=lambda y: (y != -100)[0])
+    assert multiprocessing.active_children() == []
 
 
 # --------------------------------------------------------------------------- bad arguments (no process started)

@@ -1,4 +1,4 @@
-"""DistributedDataParallel: the DDP gradient of one step equals the single-process full-batch gradient.
+"""Data parallelism: the DDP (or FSDP) gradient of one step equals the single-process full-batch gradient.
 
 :func:`assert_ddp_equiv` starts ``world_size`` processes, joins them in a
 ``torch.distributed`` process group over the loopback interface only
@@ -17,6 +17,14 @@ gradients, and a ``no_sync()`` accumulation that misses its ``1/k``. Each
 diagnosis is a hypothesis recomputed in the parent (the ranks' steps re-run one
 at a time) and compared with the same comparator.
 
+:func:`assert_fsdp_equiv` does the same with ``fully_shard`` (FSDP2): each
+selected submodule and the root sharded over the ranks, an optional mixed
+precision policy, the gradient sync off for all micro-batches but the last,
+and the gradients gathered from their shards. Both take ``weights=`` (one per
+sample, or a callable on a sample's targets such as its token count): the
+reference is then the weighted full-batch gradient, and a loss normalised by
+each rank's own token count is named as such.
+
 The whole run is bounded (``timeout`` seconds, and the process group's own
 timeout for every collective); the child processes are stopped, killed if they
 must be, and joined on every path out, failures and ``KeyboardInterrupt``
@@ -30,6 +38,8 @@ The modules, each one job:
 - :mod:`~pytest_gradcheck.ddp.reference`: the single-process gradients;
 - :mod:`~pytest_gradcheck.ddp.launch`: the parent: processes, the loopback rendezvous, time-outs;
 - :mod:`~pytest_gradcheck.ddp.worker`: the child: one rank's step (:class:`~pytest_gradcheck.ddp.worker.DDPJob`);
+- :mod:`~pytest_gradcheck.ddp.fsdp`: :func:`assert_fsdp_equiv` and its rank job
+  (:class:`~pytest_gradcheck.ddp.fsdp.FSDPJob`), the ``fully_shard`` units and their refusals;
 - :mod:`~pytest_gradcheck.ddp.problem`: the verdict's problem and the diagnosis, as figures;
 - :mod:`pytest_gradcheck.report.ddp`: the words.
 """
@@ -37,15 +47,18 @@ The modules, each one job:
 from __future__ import annotations
 
 from ..errors import DDPTimeoutError, DDPWorkerError
-from . import check, config, launch, problem, reference, step, worker
+from . import check, config, fsdp, launch, problem, reference, step, worker
 from .check import assert_ddp_equiv
+from .fsdp import assert_fsdp_equiv
 
 __all__ = [
     "DDPTimeoutError",
     "DDPWorkerError",
     "assert_ddp_equiv",
+    "assert_fsdp_equiv",
     "check",
     "config",
+    "fsdp",
     "launch",
     "problem",
     "reference",

@@ -1,4 +1,5 @@
-"""The public check: arguments, the single-process reference, the ranks, the verdict."""
+"""The public DDP check, and the driver every data-parallel check shares: the single-process
+reference, the ranks, the verdict (:func:`run_data_parallel`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -16,15 +18,16 @@ from .config import (
     check_ddp_options,
     check_launch,
     check_verdict,
+    check_weights,
     check_workload,
     plan_shards,
 )
 from .launch import run_ranks
 from .problem import DDPProblem
 from .reference import Reference
-from .worker import DDPJob
+from .worker import DDPJob, RankJob
 
-__all__ = ["assert_ddp_equiv"]
+__all__ = ["assert_ddp_equiv", "detached", "run_data_parallel"]
 
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -40,6 +43,7 @@ def assert_ddp_equiv(
     shards: Optional[Sequence[Sequence[int]]] = None,
     sampler: bool = False,
     micro_batches: int = 1,
+    weights: Any = None,
     reduction: str = "mean",
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
@@ -75,6 +79,16 @@ def assert_ddp_equiv(
     ``inputs`` is the batch: any nesting of tuples, lists and dicts of tensors
     with the batch on dim 0); it returns the loss, or a mapping with a
     ``"loss"`` entry.
+
+    ``weights`` declares how samples count, with the meaning it has in
+    :func:`~pytest_gradcheck.assert_gradequiv`: a tensor (or sequence) of one
+    weight per sample, or a callable on one sample's targets (the batch of one
+    sample with ``step_fn``), e.g. ``lambda y: (y != -100).sum()``, its token
+    count. The reference is then the weighted full-batch gradient, the
+    weighted mean (or sum) of the per-sample gradients, each sample run alone.
+    A step that divides each rank's loss by the rank's own token count fails,
+    and the report names the counts per rank; one that all-reduces the count
+    passes (see ``examples/test_fsdp_step.py``).
 
     The reference and the diagnosis call ``loss_fn``/``step_fn`` in this
     process, which has no process group (``torch.distributed.is_initialized()``
@@ -133,29 +147,45 @@ def assert_ddp_equiv(
     options = check_ddp_options(ddp_options)
     work = check_workload(make_model, loss_fn, inputs, targets, step_fn)
     plan = plan_shards(work.batch_size, launch.world_size, shards=shards, sampler=sampler, micro_batches=micro_batches)
-    cfg = DDPConfig(launch, verdict, work, plan, options)
+    cfg = DDPConfig(launch, replace(verdict, weights=check_weights(weights, work)), work, plan, options)
+    return run_data_parallel(cfg, Reference(work), _job)
 
-    ref = Reference(work)
+
+def run_data_parallel(
+    cfg: DDPConfig, ref: Reference, make_job: Callable[[DDPConfig, Reference], RankJob]
+) -> GradEquivReport:
+    """The steps every data-parallel check takes once its arguments are valid: the reference (bad
+    losses fail here, before any process starts), the ranks, the verdict through ``run_check``."""
+    __tracebackhide__ = True
     inferred = None
-    if verdict.reduction == "auto":
+    if cfg.verdict.reduction == "auto":
         inferred = ref.infer_reduction()
-        cfg = replace(cfg, verdict=replace(verdict, reduction=inferred))
-    ref.gradient(False)  # bad losses fail here, before any process is started
-    results = run_ranks(cfg.launch, _job(cfg, ref))
+        cfg = replace(cfg, verdict=replace(cfg.verdict, reduction=inferred))
+    ref.gradient(False)
+    weights = None if cfg.verdict.weights is None else np.asarray(cfg.verdict.weights, dtype=np.float64)
+    if weights is not None:
+        ref.weighted(weights, False)  # a model that cannot run per sample fails here too
+    results = run_ranks(cfg.launch, make_job(cfg, ref))
     if results and results[0].rank == 0 and results[0].init_state is not None:
         ref.adopt(results[0].init_state)
     problem = DDPProblem(cfg, ref, results, inferred)
     return run_check(
         problem,
         reduction=cfg.verdict.reduction,
+        weights=weights,
         rtol=cfg.verdict.rtol,
         atol=cfg.verdict.atol,
         rtol_float64=cfg.verdict.rtol_float64,
         atol_float64=cfg.verdict.atol_float64,
         float64_recheck=cfg.verdict.float64_recheck,
-        check="ddp",
+        check=cfg.check,
         notes=problem.notes(),
     )
+
+
+def detached(batch: Any) -> Any:
+    """The batch with every tensor detached (to pickle for the ranks)."""
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, batch)
 
 
 def _job(cfg: DDPConfig, ref: Reference) -> DDPJob:
@@ -163,7 +193,7 @@ def _job(cfg: DDPConfig, ref: Reference) -> DDPJob:
     return DDPJob(
         make_model=cfg.work.make_model,
         step=cfg.work.step,
-        batch=pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, cfg.work.batch),
+        batch=detached(cfg.work.batch),
         shards=tuple(tuple(int(i) for i in s) for s in cfg.plan.shards),
         micro_batches=cfg.plan.micro_batches,
         float64=cfg.verdict.float64_recheck and ref.dtype != "float64",

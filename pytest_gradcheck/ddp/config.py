@@ -2,9 +2,11 @@
 
 Each group of arguments becomes one small frozen object, built by one function
 that names the bad parameter: :class:`LaunchOptions` (how the ranks run),
-:class:`VerdictOptions` (how the gradients are compared), :class:`Workload`
-(the model factory, the step and the batch) and :class:`ShardPlan` (which
-samples each rank gets). :class:`DDPConfig` holds them with DDP's own options.
+:class:`VerdictOptions` (how the gradients are compared, the declared weights
+included), :class:`Workload` (the model factory, the step and the batch) and
+:class:`ShardPlan` (which samples each rank gets). :class:`DDPConfig` holds them
+with the wrapper's own options: DDP's ``ddp_options``, or
+:class:`FSDPOptions` (the modules ``fully_shard`` wraps, the mixed-precision policy).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pickle
 import sys
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 import numpy as np
@@ -40,13 +42,16 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "BACKENDS",
     "DDPConfig",
+    "FSDPOptions",
     "LaunchOptions",
     "ShardPlan",
     "VerdictOptions",
     "Workload",
     "check_ddp_options",
     "check_launch",
+    "check_mp_policy",
     "check_verdict",
+    "check_weights",
     "check_workload",
     "plan_shards",
 ]
@@ -55,6 +60,10 @@ BACKENDS = ("gloo", "nccl")
 START_METHODS = ("auto", "forkserver", "spawn")
 #: ``DistributedDataParallel`` arguments the check sets itself.
 RESERVED_DDP_OPTIONS = ("module", "device_ids", "output_device", "process_group")
+#: ``MixedPrecisionPolicy`` arguments ``mp_policy`` may set.
+MP_POLICY_OPTIONS = ("param_dtype", "reduce_dtype", "output_dtype", "cast_forward_inputs")
+#: unit roundoff of each floating dtype: the lowest precision of a step decides its tolerance
+EPS = {"float64": 2.2e-16, "float32": 1.19e-7, "float16": 9.77e-4, "bfloat16": 7.81e-3}
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,8 @@ class VerdictOptions:
     float64_recheck: bool
     rtol_float64: Optional[float] = None  # the float64 re-check's own tolerances (None: float64's default)
     atol_float64: Optional[float] = None
+    #: the declared per-sample weights (``weights=``), one per sample, or None for a plain mean/sum
+    weights: Optional[tuple[float, ...]] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,15 +120,45 @@ class ShardPlan:
         return [np.asarray(a, dtype=np.int64) for a in np.array_split(self.shards[rank], self.micro_batches)]
 
 
+@dataclass(frozen=True)
+class FSDPOptions:
+    """What :func:`~pytest_gradcheck.assert_fsdp_equiv` shards and how.
+
+    ``units``: the submodules ``fully_shard`` wraps before the root (their paths, in the
+    order they are wrapped: innermost first); ``mp_policy``: ``MixedPrecisionPolicy``
+    arguments; ``precision``: the lowest precision of the step (the parameters', or a
+    lower ``param_dtype``/``reduce_dtype``), whose tolerance the comparison uses.
+    """
+
+    units: tuple[str, ...]
+    mp_policy: tuple[tuple[str, Any], ...] = ()
+    precision: str = "float32"
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        return dict(self.mp_policy)
+
+    def dtype_names(self) -> tuple[tuple[str, str], ...]:
+        """The policy's dtypes as ``(argument, dtype name)``, for the report."""
+        return tuple((k, str(v).replace("torch.", "")) for k, v in self.mp_policy if isinstance(v, torch.dtype))
+
+
 @dataclass(frozen=True, eq=False)
 class DDPConfig:
-    """The validated arguments of one :func:`~pytest_gradcheck.assert_ddp_equiv` call."""
+    """The validated arguments of one data-parallel check: :func:`~pytest_gradcheck.assert_ddp_equiv`
+    (``ddp_options``) or :func:`~pytest_gradcheck.assert_fsdp_equiv` (``fsdp``)."""
 
     launch: LaunchOptions
     verdict: VerdictOptions
     work: Workload
     plan: ShardPlan
-    ddp_options: dict[str, Any]
+    ddp_options: dict[str, Any] = field(default_factory=dict)
+    fsdp: Optional[FSDPOptions] = None
+
+    @property
+    def check(self) -> str:
+        """The report's ``check``: ``"fsdp"`` or ``"ddp"``."""
+        return "ddp" if self.fsdp is None else "fsdp"
 
 
 # --------------------------------------------------------------------------- option groups
@@ -178,6 +219,45 @@ def check_ddp_options(value: Any) -> dict[str, Any]:
             "process group and the device placement itself"
         )
     return dict(value)
+
+
+def check_mp_policy(value: Any) -> tuple[tuple[str, Any], ...]:
+    """``mp_policy`` as ``MixedPrecisionPolicy`` arguments: a mapping of dtypes (or None)."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(
+            f"mp_policy must be a mapping of MixedPrecisionPolicy arguments or None, got {type(value).__name__}: "
+            "e.g. mp_policy={'reduce_dtype': torch.bfloat16}"
+        )
+    bad = sorted(str(k) for k in value if k not in MP_POLICY_OPTIONS)
+    if bad:
+        raise InvalidArgument(
+            f"mp_policy has unknown argument(s) {', '.join(bad)}: MixedPrecisionPolicy takes "
+            f"{', '.join(MP_POLICY_OPTIONS)}"
+        )
+    out: list[tuple[str, Any]] = []
+    for key in MP_POLICY_OPTIONS:
+        if key not in value:
+            continue
+        v = value[key]
+        if key == "cast_forward_inputs":
+            out.append((key, check_bool(v, "mp_policy['cast_forward_inputs']")))
+        elif v is not None and not (isinstance(v, torch.dtype) and v.is_floating_point):
+            raise InvalidArgument(f"mp_policy[{key!r}]={v!r}: expected a floating torch.dtype (torch.bfloat16) or None")
+        else:
+            out.append((key, v))
+    return tuple(out)
+
+
+def lowest_precision(*dtypes: Optional[str]) -> str:
+    """The dtype of least precision among ``dtypes`` (None ignored).
+
+    >>> lowest_precision("float32", "bfloat16", None), lowest_precision("float64")
+    ('bfloat16', 'float64')
+    """
+    names = [d for d in dtypes if d is not None]
+    return max(names, key=lambda d: EPS.get(d, EPS["float32"]))
 
 
 # --------------------------------------------------------------------------- the workload
@@ -241,6 +321,28 @@ def _tensor_tuple(value: Any, name: str) -> tuple[torch.Tensor, ...]:
                 "with the batch on dim 0 (use step_fn= for batches of another form)"
             )
     return items
+
+
+def check_weights(weights: Any, work: Workload) -> Optional[tuple[float, ...]]:
+    """``weights`` as one float per sample (as in :func:`~pytest_gradcheck.assert_gradequiv`), or None.
+
+    A callable is called on one sample's targets (the loss form) or on the batch of one
+    sample (``step_fn``), e.g. ``lambda y: (y != -100).sum()``, the sample's token count.
+    """
+    from .._torch.inputs import resolve_weights
+    from .step import take
+
+    step, batch = work.step, work.batch
+
+    def sample_of(i: int) -> Any:
+        one = take(batch, np.asarray([i], dtype=np.int64))
+        if step.step_fn is not None:
+            return one
+        ys = one[1]
+        return ys if step.targets_is_tuple else (ys[0] if ys else None)
+
+    w = resolve_weights(weights, work.batch_size, sample_of)
+    return None if w is None else tuple(float(x) for x in w)
 
 
 def check_picklable(obj: Any, name: str, what: str) -> None:

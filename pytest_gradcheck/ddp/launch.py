@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..errors import DDPTimeoutError, DDPWorkerError, GradCheckError, InvalidArgument, first_line
+from ..errors import DDPTimeoutError, DDPWorkerError, GradCheckError, InvalidArgument, UnsupportedModelError, first_line
 from ..report.format import fmt_and
 from .config import LaunchOptions
 from .worker import LOOPBACK, RankJob, RankSpec, main
@@ -41,15 +41,18 @@ from .worker import LOOPBACK, RankJob, RankSpec, main
 __all__ = ["EXIT_GRACE", "PRELOAD", "TERM_GRACE", "RankResult", "listening_socket", "modules_to_ship", "run_ranks"]
 
 #: Modules the forkserver imports once, so that no rank imports them itself
-#: (DDP's constructor alone imports torch._dynamo).
+#: (DDP's constructor alone imports torch._dynamo). One that cannot be imported
+#: (a torch without ``fully_shard``) is skipped by the forkserver.
 PRELOAD = (
     "torch",
     "torch.distributed",
     "torch.nn.parallel",
     "torch._dynamo",
     "numpy",
+    "torch.distributed.fsdp",
     "pytest_gradcheck.ddp",
     "pytest_gradcheck.ddp.worker",
+    "pytest_gradcheck.ddp.fsdp",
 )
 #: Seconds a rank that has sent its results gets to exit on its own before it is stopped.
 EXIT_GRACE = 10.0
@@ -288,7 +291,8 @@ def exit_text(code: Optional[int]) -> str:
 def worker_error(launch: LaunchOptions, rank: int, info: Mapping[str, Any]) -> GradCheckError:
     message = info.get("message", "")
     if info.get("invalid"):
-        return InvalidArgument(f"rank {rank} of {launch.world_size}: {message}")
+        error = UnsupportedModelError if info.get("unsupported") else InvalidArgument
+        return error(f"rank {rank} of {launch.world_size}: {message}")
     tb = info.get("traceback", "")
     text = f"rank {rank} of {launch.world_size} failed: {info.get('type', 'Error')}: {message}"
     if tb:

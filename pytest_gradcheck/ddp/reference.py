@@ -1,8 +1,10 @@
 """The single-process side: the model built in this process and the gradients the verdict needs.
 
 :class:`Reference` computes the full-batch gradient (what a data-parallel step
-must reproduce) and, for the diagnosis, the gradient of any subset of the batch
-alone (one rank's micro-batch), each in the working dtype or in float64.
+must reproduce), the weighted accumulation of per-sample gradients when weights
+are declared (each sample run alone, as :func:`~pytest_gradcheck.assert_gradequiv`
+does), and, for the diagnosis, the gradient of any subset of the batch alone
+(one rank's micro-batch), each in the working dtype or in float64.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -19,6 +22,9 @@ from .._torch.state import disable_dropout_modules
 from ..errors import InvalidArgument
 from .config import Workload
 from .step import LossCall, build_model, convert, seeded, state_hash, take, trainable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._torch.problem import TorchProblem
 
 __all__ = ["Reference", "batchnorm_modules"]
 
@@ -34,6 +40,13 @@ def batchnorm_modules(model: torch.nn.Module) -> list[tuple[str, str]]:
             if module.training or module.running_mean is None:
                 out.append((f"model{'.' + name if name else ''}", type(module).__name__))
     return out
+
+
+def _host64(x: object) -> np.ndarray:
+    """A gradient as a float64 NumPy array, whichever form the per-sample problem returns."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy().copy()
+    return np.array(x, dtype=np.float64)
 
 
 class Reference:
@@ -55,6 +68,8 @@ class Reference:
         self._steps: dict[bool, LossCall] = {}
         self._full: dict[bool, dict[str, np.ndarray]] = {}
         self._local: dict[tuple[bool, bytes], dict[str, np.ndarray]] = {}
+        self._weighted: dict[tuple[bool, bytes], dict[str, np.ndarray]] = {}
+        self._per_sample: Optional[TorchProblem] = None
 
     def adopt(self, state: bytes) -> None:
         """Start from rank 0's initial parameters (DDP broadcast them to every rank)."""
@@ -64,6 +79,7 @@ class Reference:
         self._models = {False: self.model}
         self._full.clear()
         self._local.clear()
+        self._weighted.clear()
 
     def _model(self, float64: bool) -> torch.nn.Module:
         if float64 not in self._models:
@@ -108,6 +124,32 @@ class Reference:
         if key not in self._local:
             self._local[key] = self._grad(idx, float64)
         return self._local[key]
+
+    def weighted(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
+        """``sum_i coeffs[i] * grad(loss of sample i alone)``: the reference of a check with declared
+        weights, each sample run alone (``torch.func.vmap``, or a loop where vmap cannot run the model)."""
+        c = np.asarray(coeffs, dtype=np.float64)
+        key = (float64, c.tobytes())
+        if key not in self._weighted:
+            problem = self.per_sample_problem()
+            with problem.prepared(), seeded():
+                g = problem.reference_gradient(c, float64)
+            self._weighted[key] = {n: _host64(g[n]) for n in self.names}
+        return self._weighted[key]
+
+    def per_sample_problem(self) -> TorchProblem:
+        """The package's per-sample problem on this model and batch (built once)."""
+        if self._per_sample is None:
+            from .._torch.problem import TorchProblem
+
+            self._per_sample = TorchProblem(
+                self.model,
+                self.work.step.builder(),
+                self.work.batch,
+                watch_broadcast=False,
+                allow_non_tensor=self.work.step.step_fn is not None,
+            )
+        return self._per_sample
 
     def infer_reduction(self) -> str:
         """``"mean"`` if doubling the batch leaves the loss unchanged, ``"sum"`` if it doubles it."""

@@ -34,6 +34,8 @@ __all__ = [
 
 #: ``step(model, batch, where)``: the loss of one batch, a scalar tensor.
 LossCall = Callable[[torch.nn.Module, Any, str], torch.Tensor]
+#: ``build(record, float64) -> step(model, batch)``, as :class:`pytest_gradcheck._torch.problem.TorchProblem` takes it.
+StepBuilder = Callable[[Optional[list[Any]], bool], Callable[[torch.nn.Module, Any], Any]]
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,19 @@ class Step:
     has_targets: bool = False
     targets_is_tuple: bool = False
 
+    def builder(self) -> StepBuilder:
+        """``build(record, float64) -> step(model, batch)``: the step as the torch checks build it
+        (the per-sample reference of a weighted check runs it)."""
+        step_fn = self.step_fn
+        if step_fn is not None:
+            return lambda record, float64: step_fn
+        if self.loss_fn is not None:
+            return loss_step_builder(self.loss_fn, has_targets=self.has_targets, targets_is_tuple=self.targets_is_tuple)
+        raise InvalidArgument("neither loss_fn nor step_fn was given")  # pragma: no cover - excluded by config
+
     def build(self, float64: bool) -> LossCall:
         """The loss call; with ``float64`` a loss module runs on a float64 copy (as in every check)."""
-        if self.step_fn is not None:
-            run = self.step_fn
-        elif self.loss_fn is not None:
-            run = loss_step_builder(self.loss_fn, has_targets=self.has_targets, targets_is_tuple=self.targets_is_tuple)(
-                None, float64
-            )
-        else:  # pragma: no cover - excluded by the configuration
-            raise InvalidArgument("neither loss_fn nor step_fn was given")
+        run = self.builder()(None, float64)
 
         def loss(model: torch.nn.Module, batch: Any, where: str) -> torch.Tensor:
             return as_scalar_loss(run(model, batch), where=where)

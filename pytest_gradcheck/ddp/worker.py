@@ -7,7 +7,8 @@ sent and reports progress, the result or the error on its pipe. A
 :class:`RankJob` is one data-parallel step: build the model, wrap it, run the
 rank's micro-batches with the gradient sync off for all but the last, read the
 gradients; :class:`DDPJob` wraps in ``DistributedDataParallel``, and other
-wrappers subclass :class:`RankJob` the same way.
+wrappers subclass :class:`RankJob` the same way
+(:class:`~pytest_gradcheck.ddp.fsdp.FSDPJob`: ``fully_shard``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from .._torch.loss import default_dtype
 from .._torch.state import disable_dropout_modules
-from ..errors import InvalidArgument, first_line
+from ..errors import InvalidArgument, UnsupportedModelError, first_line
 from .step import Step, build_model, convert, gradients_of, state_hash, take, trainable
 
 __all__ = ["DDPJob", "LOOPBACK", "RankJob", "RankSpec", "main"]
@@ -72,8 +73,10 @@ class RankJob:
     sync_off_name: ClassVar[str] = "the sync turned off"
     collective: ClassVar[str] = "the gradient reduction"
 
-    def wrap(self, model: torch.nn.Module, rank: int, backend: str) -> tuple[torch.nn.Module, torch.device]:
-        """The model ready for the step, and the device its batch goes to."""
+    def wrap(
+        self, model: torch.nn.Module, rank: int, backend: str, float64: bool = False
+    ) -> tuple[torch.nn.Module, torch.device]:
+        """The model ready for the step, and the device its batch goes to (``float64``: the re-run)."""
         raise NotImplementedError
 
     def sync_off(self, wrapped: torch.nn.Module) -> ContextManager[Any]:
@@ -124,7 +127,7 @@ class RankJob:
     ) -> tuple[Gradients, list[float]]:
         tag = "in the float64 re-run, " if float64 else "in "
         stage(f"{tag}{self.wrapper}")
-        wrapped, device = self.wrap(model, rank, backend)
+        wrapped, device = self.wrap(model, rank, backend, float64)
         loss_call = self.step.build(float64)
         micro = self.micro_splits(rank)
         losses = []
@@ -156,7 +159,9 @@ class DDPJob(RankJob):
     sync_off_name: ClassVar[str] = "no_sync()"
     collective: ClassVar[str] = "DDP's gradient all-reduce"
 
-    def wrap(self, model: torch.nn.Module, rank: int, backend: str) -> tuple[torch.nn.Module, torch.device]:
+    def wrap(
+        self, model: torch.nn.Module, rank: int, backend: str, float64: bool = False
+    ) -> tuple[torch.nn.Module, torch.device]:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         if backend == "nccl":
@@ -282,6 +287,7 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
         "message": first_line(exc) if not isinstance(exc, InvalidArgument) else text,
         "traceback": user_traceback(exc),
         "invalid": isinstance(exc, InvalidArgument),
+        "unsupported": isinstance(exc, UnsupportedModelError),
         "collective": dist_error,
         "collective_timeout": dist_error and ("timed out" in lowered or "timeout" in lowered),
     }

@@ -1,12 +1,16 @@
-"""The figures and the words of a DDP report (:func:`~pytest_gradcheck.assert_ddp_equiv`).
+"""The figures and the words of a data-parallel report (:func:`~pytest_gradcheck.assert_ddp_equiv`,
+:func:`~pytest_gradcheck.assert_fsdp_equiv`).
 
-The DDP diagnosis (:mod:`pytest_gradcheck.ddp.problem`) records each cause it
-confirmed as a :class:`~pytest_gradcheck.report.Finding` subclass holding the
-figures (ranks, shard sizes, sample indices, parameter names, a factor), and the
-run itself as a :class:`DDPRun`; this module turns them into sentences. The
-general renderer (:mod:`pytest_gradcheck.report.render`) hands the cause and
-advice lines of every ``check == "ddp"`` report to :func:`cause_lines` and
-:func:`advice_lines`.
+The data-parallel diagnosis (:mod:`pytest_gradcheck.ddp.problem`) records each
+cause it confirmed as a :class:`~pytest_gradcheck.report.Finding` subclass
+holding the figures (ranks, shard sizes, sample indices, parameter names, a
+factor, token counts), and the run itself as a :class:`DDPRun`; this module
+turns them into sentences. The general renderer
+(:mod:`pytest_gradcheck.report.render`) hands the cause and advice lines of
+every report whose ``check`` is in :data:`CHECKS` (``"ddp"``, ``"fsdp"``) to
+:func:`cause_lines` and :func:`advice_lines`; the sentences name the wrapper of
+the report's check (:data:`WRAPPERS`: DDP's all-reduce and ``no_sync()``, FSDP's
+reduce-scatter and ``set_requires_gradient_sync(False)``).
 
 A cause that is a plain scale keeps the shared ``"factor"`` kind, and one that
 reweights samples the shared ``"known-weights"`` kind, so that the verdict reads
@@ -25,23 +29,30 @@ from . import Finding, GradEquivReport
 from .format import close_to, fmt_and, fmt_factor, fmt_indices
 
 __all__ = [
+    "CHECKS",
+    "WRAPPERS",
     "BatchNormPerRank",
     "DDPRun",
+    "InitDiffers",
     "MicroBatchWeighting",
     "NotRankAverage",
+    "OwnCountPerRank",
     "RankAverage",
-    "RankSpread",
     "RanksDisagree",
+    "RankSpread",
     "RerunFailed",
     "SamplerPadding",
     "ScaledGradient",
     "ShardCoverage",
     "ShardSizeWeighting",
     "UnusedParameters",
+    "Wrapper",
     "advice_lines",
     "cause_lines",
+    "headline",
     "run_notes",
     "scale_cause",
+    "wrapper_of",
 ]
 
 #: How each shard plan is named in the report.
@@ -50,6 +61,39 @@ SHARD_SOURCES = {
     "explicit": "explicit shards",
     "sampler": "DistributedSampler(shuffle=False, drop_last=False)",
 }
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """How a data-parallel wrapper is named: its name, its gradient collective, its sync switch."""
+
+    name: str  # "DDP"
+    collective: str  # "all-reduce"
+    sync_off: str  # "no_sync()"
+    accumulated: str  # how the micro-batches before the last are run: "under no_sync()"
+
+
+#: the wrapper of each data-parallel check (a report's ``check``)
+WRAPPERS: dict[str, Wrapper] = {
+    "ddp": Wrapper("DDP", "all-reduce", "no_sync()", "under no_sync()"),
+    "fsdp": Wrapper(
+        "FSDP",
+        "reduce-scatter",
+        "set_requires_gradient_sync(False)",
+        "with set_requires_gradient_sync(False)",
+    ),
+}
+#: the checks whose reports this module words
+CHECKS = tuple(WRAPPERS)
+
+
+def wrapper_of(check: str) -> Wrapper:
+    """The wrapper of a data-parallel check (DDP's for an unknown one).
+
+    >>> wrapper_of("fsdp").name, wrapper_of("ddp").sync_off
+    ('FSDP', 'no_sync()')
+    """
+    return WRAPPERS.get(check, WRAPPERS["ddp"])
 
 
 # --------------------------------------------------------------------------- figures
@@ -70,6 +114,15 @@ class RanksDisagree(Finding):
 
     kind: str = "ddp-ranks-disagree"
     spread: Optional[RankSpread] = None
+
+
+@dataclass(frozen=True)
+class InitDiffers(Finding):
+    """The ranks built different initial parameters and the wrapper does not broadcast rank 0's
+    (``fully_shard`` keeps each rank's own shard): ``ranks`` differ from rank 0."""
+
+    kind: str = "ddp-init-differs"
+    ranks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,11 +152,11 @@ class ShardCoverage(Finding):
 
 @dataclass(frozen=True)
 class ScaledGradient(Finding):
-    """The DDP gradient is ``factor`` times the full-batch gradient.
+    """The data-parallel gradient is ``factor`` times the full-batch gradient.
 
     ``cause`` (see :func:`scale_cause`): ``"no-sync-sum"`` (the micro-batch gradients
-    summed, ``1/k`` missing), ``"sum-over-ranks"`` (a summed loss that DDP averages over
-    the ranks, ``1/world_size``), ``"both"`` (``k/world_size``), ``"sign"`` (-1), or
+    summed, ``1/k`` missing), ``"sum-over-ranks"`` (a summed loss that the wrapper averages
+    over the ranks, ``1/world_size``), ``"both"`` (``k/world_size``), ``"sign"`` (-1), or
     ``"scale"`` (any other factor).
     """
 
@@ -153,15 +206,41 @@ class MicroBatchWeighting(Finding):
 
 
 @dataclass(frozen=True)
+class OwnCountPerRank(Finding):
+    """Each rank (``level="rank"``) or each micro-batch (``level="micro-batch"``) divided its loss
+    by its own total of the declared weights (its token count) instead of the total over all ranks.
+
+    ``totals``: per rank, the declared weight of each micro-batch (one entry per rank when
+    ``level="rank"``); ``integral``: the weights are whole numbers (counts: "tokens");
+    ``weights``: each sample's weight relative to the declared weighting (1 everywhere when right).
+    """
+
+    kind: str = "known-weights"
+    matched: Optional[str] = "each rank's loss divided by its own token count"
+    level: str = "rank"
+    totals: tuple[tuple[float, ...], ...] = ()
+    integral: bool = True
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.level == "micro-batch" and self.matched == OwnCountPerRank.matched:
+            what = "token count" if self.integral else "total weight"
+            object.__setattr__(self, "matched", f"each micro-batch's loss divided by its own {what}")
+        elif not self.integral and self.matched == OwnCountPerRank.matched:
+            object.__setattr__(self, "matched", "each rank's loss divided by its own total weight")
+
+
+@dataclass(frozen=True)
 class RankAverage(Finding):
-    """The DDP gradient is the average of the ranks' own steps, which is not the full-batch gradient."""
+    """The data-parallel gradient is the average of the ranks' own steps, which is not the
+    full-batch gradient."""
 
     kind: str = "ddp-rank-average"
 
 
 @dataclass(frozen=True)
 class NotRankAverage(Finding):
-    """The DDP gradient is not even the average of the ranks' own steps (re-run one at a time)."""
+    """The data-parallel gradient is not even the average of the ranks' own steps (re-run one at a time)."""
 
     kind: str = "ddp-not-rank-average"
 
@@ -176,12 +255,18 @@ class RerunFailed(Finding):
 
 @dataclass(frozen=True)
 class DDPRun:
-    """The figures of one DDP run that the report's notes state, failed or passed.
+    """The figures of one data-parallel run that the report's notes state, failed or passed.
 
     ``shard_source``: ``"contiguous"``, ``"explicit"`` or ``"sampler"``;
     ``inferred_reduction``: the reduction ``reduction="auto"`` found, if it ran;
     ``init_differs``: the ranks whose ``make_model()`` built other parameters than
-    rank 0's; ``spread``: a difference between the ranks within tolerance.
+    rank 0's; ``spread``: a difference between the ranks within tolerance;
+    ``check``: ``"ddp"`` or ``"fsdp"`` (the wrapper); ``units``: the submodules
+    ``fully_shard`` wrapped before the root; ``mixed_precision``: the
+    ``MixedPrecisionPolicy`` arguments (``(name, dtype)``); ``precision``: the
+    lowest precision of the step (a reduce dtype below the parameters') and its
+    ``rtol``, when it is not the parameters' dtype; ``rank_weights``: per rank, the
+    declared weights in its shard (``weights_integral``: whole numbers, i.e. counts).
     """
 
     world_size: int
@@ -197,6 +282,12 @@ class DDPRun:
     no_gradient: tuple[str, ...] = ()
     dropout: tuple[str, ...] = ()
     spread: Optional[RankSpread] = None
+    check: str = "ddp"
+    units: tuple[str, ...] = ()
+    mixed_precision: tuple[tuple[str, str], ...] = ()
+    precision: Optional[tuple[str, float]] = None
+    rank_weights: tuple[float, ...] = ()
+    weights_integral: bool = False
 
     @property
     def shard_sizes(self) -> tuple[int, ...]:
@@ -204,7 +295,7 @@ class DDPRun:
 
 
 def scale_cause(factor: float, world_size: int, micro_batches: int) -> str:
-    """Which known cause a scale ``factor`` of the DDP gradient points to (see :class:`ScaledGradient`).
+    """Which known cause a scale ``factor`` of the data-parallel gradient points to (see :class:`ScaledGradient`).
 
     >>> scale_cause(2.0, 2, 2), scale_cause(0.5, 2, 1), scale_cause(3.0, 2, 1)
     ('no-sync-sum', 'sum-over-ranks', 'scale')
@@ -246,38 +337,54 @@ def _plural(n: int, word: str = "s") -> str:
     return word if n != 1 else ""
 
 
-def _ranks_disagree(f: RanksDisagree) -> str:
+def _number(x: float) -> str:
+    return fmt_factor(x)
+
+
+def _ranks_disagree(f: RanksDisagree, w: Wrapper) -> str:
     return (
-        "ranks disagree with each other: after DDP's all-reduce every rank must hold the same "
+        f"ranks disagree with each other: after {w.name}'s {w.collective} every rank must hold the same "
         f"gradient, but {_spread(f.spread)}. The model or the step is rank-dependent or non-deterministic, or "
-        "some gradients are not synchronised (a parameter DDP ignores, no_sync() around the last "
+        f"some gradients are not synchronised (a parameter {w.name} ignores, {w.sync_off} around the last "
         "backward, gradients changed after backward()). The table shows, per parameter, the "
         "rank farthest from the reference."
     )
 
 
-def _unused(f: UnusedParameters) -> str:
+def _init_differs(f: InitDiffers, w: Wrapper) -> str:
+    n = len(f.ranks)
+    return (
+        f"ranks disagree on the model: rank{_plural(n)} {fmt_and(f.ranks)} built other initial parameters than "
+        "rank 0 (make_model() is not deterministic across ranks after torch.manual_seed(0), e.g. it seeds by "
+        f"rank); {w.name} does not broadcast rank 0's parameters, it shards each rank's own, so the sharded "
+        "model mixes different initialisations and its gradient is no single model's. Build the model the "
+        "same way in every rank (the same seed, or one state dict loaded everywhere, e.g. "
+        "set_model_state_dict(..., options=StateDictOptions(broadcast_from_rank0=True)))."
+    )
+
+
+def _unused(f: UnusedParameters, w: Wrapper) -> str:
     return (
         f"parameters {_names(f.names)} get no gradient "
-        "in the step, and DDP was not told: with find_unused_parameters=False the gradient "
+        f"in the step, and {w.name} was not told: with find_unused_parameters=False the gradient "
         "bucket that holds them is never all-reduced, so the ranks keep their own gradients. "
         "Pass ddp_options={'find_unused_parameters': True}, or remove the unused parameters."
     )
 
 
-def _batchnorm(f: BatchNormPerRank) -> str:
+def _batchnorm(f: BatchNormPerRank, w: Wrapper) -> str:
     modules = [f"{path} ({cls})" for path, cls in f.modules]
     return (
         "BatchNorm normalises per rank; use SyncBatchNorm: "
         f"{fmt_and(modules)} {'is' if len(modules) == 1 else 'are'} in train mode, so "
         "each rank normalises its shard with that shard's own mean and variance instead of the "
-        "whole batch's, and the DDP gradient is not the full-batch one. Convert the model with "
+        f"whole batch's, and the {w.name} gradient is not the full-batch one. Convert the model with "
         "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) (CUDA), or check in eval mode, or "
         "use GroupNorm/LayerNorm, which normalise each sample alone."
     )
 
 
-def _coverage(f: ShardCoverage) -> str:
+def _coverage(f: ShardCoverage, w: Wrapper) -> str:
     bits = []
     if f.unseen:
         bits.append(f"samples {fmt_indices(f.unseen)} are on no rank")
@@ -290,58 +397,58 @@ def _coverage(f: ShardCoverage) -> str:
     )
 
 
-def _scaled(f: ScaledGradient) -> str:
-    w, k = f.world_size, f.micro_batches
+def _scaled(f: ScaledGradient, w: Wrapper) -> str:
+    ws, k = f.world_size, f.micro_batches
     factor = fmt_factor(f.factor if f.factor is not None else float("nan"))
     if f.cause == "no-sync-sum":
         return (
-            f"no_sync() accumulation over {k} micro-batches sums their gradients: the DDP gradient is "
+            f"{w.sync_off} accumulation over {k} micro-batches sums their gradients: the {w.name} gradient is "
             f"{factor} times the full-batch gradient (the 1/{k} is missing); divide each micro-batch loss "
             f"by {k} (loss / micro_batches) before backward(), or normalise by the global sample count."
         )
     if f.cause == "sum-over-ranks":
         return (
-            f"DDP averages the ranks' gradients (it divides by world_size={w}), but the loss is a sum "
-            f"over each rank's shard: the DDP gradient is 1/{w} of the full-batch gradient. Multiply "
+            f"{w.name} averages the ranks' gradients (it divides by world_size={ws}), but the loss is a sum "
+            f"over each rank's shard: the {w.name} gradient is 1/{ws} of the full-batch gradient. Multiply "
             "the loss by world_size (dist.get_world_size()), or use a mean normalised by the global count."
         )
     if f.cause == "both":
         return (
-            f"the DDP gradient is {factor} times the full-batch gradient: the {k} micro-batch gradients are "
-            f"summed (1/{k} missing) and DDP averages over world_size={w} ranks a loss that is a sum "
+            f"the {w.name} gradient is {factor} times the full-batch gradient: the {k} micro-batch gradients are "
+            f"summed (1/{k} missing) and {w.name} averages over world_size={ws} ranks a loss that is a sum "
             "over the shard."
         )
     if f.cause == "sign":
-        return "the DDP gradient has the opposite sign of the full-batch gradient (factor -1)."
+        return f"the {w.name} gradient has the opposite sign of the full-batch gradient (factor -1)."
     return (
-        f"the DDP gradient is {factor} times the full-batch gradient (world_size={w}, "
+        f"the {w.name} gradient is {factor} times the full-batch gradient (world_size={ws}, "
         f"micro_batches={k}): the directions agree, only the scale is off; find where the loss "
         "or the gradients are scaled."
     )
 
 
-def _sampler(f: SamplerPadding) -> str:
+def _sampler(f: SamplerPadding, w: Wrapper) -> str:
     return (
         f"DistributedSampler repeated samples {fmt_indices(f.repeated)} to even out the shards "
         f"({f.batch_size} samples over {f.world_size} ranks are padded to {f.padded}): each "
-        "repeated sample counts twice in the DDP gradient. Use a batch size divisible by "
+        f"repeated sample counts twice in the {w.name} gradient. Use a batch size divisible by "
         "world_size, drop_last=True, or mask the padded samples out of the loss."
     )
 
 
-def _shard_sizes(f: ShardSizeWeighting) -> str:
-    w, b = f.world_size, f.batch_size
-    per = ", ".join(f"1/{w * n} on a rank with {n}" for n in sorted(set(f.sizes), reverse=True))
+def _shard_sizes(f: ShardSizeWeighting, w: Wrapper) -> str:
+    ws, b = f.world_size, f.batch_size
+    per = ", ".join(f"1/{ws * n} on a rank with {n}" for n in sorted(set(f.sizes), reverse=True))
     return (
-        f"ranks weight samples by 1/shard size: with shards of {fmt_and(f.sizes)} samples the DDP "
-        f"gradient is a shard-size-weighted mean (DDP averages the ranks' means, so a sample "
+        f"ranks weight samples by 1/shard size: with shards of {fmt_and(f.sizes)} samples the {w.name} "
+        f"gradient is a shard-size-weighted mean ({w.name} averages the ranks' means, so a sample "
         f"counts {per} instead of 1/{b}); divide by the global count instead: "
-        f"loss = sum over the shard / {b} (the global batch size) * {w} (world_size, "
-        "because DDP averages the ranks' gradients)."
+        f"loss = sum over the shard / {b} (the global batch size) * {ws} (world_size, "
+        f"because {w.name} averages the ranks' gradients)."
     )
 
 
-def _micro_batches(f: MicroBatchWeighting) -> str:
+def _micro_batches(f: MicroBatchWeighting, w: Wrapper) -> str:
     sizes = "; ".join(f"rank {r}: {'+'.join(str(n) for n in micro)}" for r, micro in enumerate(f.sizes))
     return (
         f"the micro-batches of a rank have different sizes ({sizes}) and each "
@@ -350,30 +457,57 @@ def _micro_batches(f: MicroBatchWeighting) -> str:
     )
 
 
-def _rank_average(f: RankAverage) -> str:
+def _own_count(f: OwnCountPerRank, w: Wrapper) -> str:
+    count, unit = ("token count", "tokens") if f.integral else ("total weight", "weight")
+    ws = f.world_size
+    if f.level == "micro-batch":
+        per = ", ".join(f"rank {r}: {'+'.join(_number(t) for t in totals)}" for r, totals in enumerate(f.totals))
+        return (
+            f"each micro-batch divided its loss by its own {count} ({per} {unit}); divide every micro-batch's loss by "
+            f"the {count} over all micro-batches and ranks instead (sum it over the micro-batches, all-reduce it "
+            f"over the ranks, and multiply by world_size={ws} because {w.name} averages the ranks' gradients): "
+            f"as it is, a {unit[:-1] if f.integral else 'unit of weight'} in a small micro-batch counts more."
+        )
+    rank_totals = [sum(t) for t in f.totals]
+    total = sum(rank_totals)
+    ranks = f"rank{_plural(len(rank_totals))}: {fmt_and([_number(t) for t in rank_totals])} {unit}"
+    if f.integral:
+        per = ", ".join(f"1/{_number(ws * t)} on rank {r}" for r, t in enumerate(rank_totals))
+        weigh = f"a token counts {per} instead of 1/{_number(total)}"
+    else:
+        weigh = f"each rank's weighted mean counts 1/{ws} whatever its total weight"
     return (
-        "the DDP gradient is the average of what the ranks' own losses give, but that is not "
+        f"each rank divided its loss by its own {count} ({ranks}); divide by the {count} over all ranks "
+        f"(all-reduce it) instead. {w.name} averages the ranks' gradients, so {weigh}: "
+        f"loss = sum over the rank's {unit} / all-reduced {count} * {ws} (world_size)."
+    )
+
+
+def _rank_average(f: RankAverage, w: Wrapper) -> str:
+    return (
+        f"the {w.name} gradient is the average of what the ranks' own losses give, but that is not "
         "the full-batch gradient: the loss is normalised per rank (or per micro-batch) in a way "
         "that does not add up to the full-batch loss."
     )
 
 
-def _not_rank_average(f: NotRankAverage) -> str:
+def _not_rank_average(f: NotRankAverage, w: Wrapper) -> str:
     return (
-        "the DDP gradient is not the average of the ranks' own gradients (each rank's step re-run "
-        "alone in one process): the step behaves differently under DDP, e.g. collectives or "
+        f"the {w.name} gradient is not the average of the ranks' own gradients (each rank's step re-run "
+        f"alone in one process): the step behaves differently under {w.name}, e.g. collectives or "
         "rank-dependent code in the model or the loss, randomness outside nn.Dropout, or hooks "
         "that change gradients."
     )
 
 
-def _rerun_failed(f: RerunFailed) -> str:
+def _rerun_failed(f: RerunFailed, w: Wrapper) -> str:
     return f"(the ranks' steps could not be re-run one at a time for a diagnosis: {f.error})"
 
 
-#: the sentence of each DDP cause
-_SENTENCES: dict[type[Finding], Callable[[Any], str]] = {
+#: the sentence of each data-parallel cause
+_SENTENCES: dict[type[Finding], Callable[[Any, Wrapper], str]] = {
     RanksDisagree: _ranks_disagree,
+    InitDiffers: _init_differs,
     UnusedParameters: _unused,
     BatchNormPerRank: _batchnorm,
     ShardCoverage: _coverage,
@@ -381,24 +515,35 @@ _SENTENCES: dict[type[Finding], Callable[[Any], str]] = {
     SamplerPadding: _sampler,
     ShardSizeWeighting: _shard_sizes,
     MicroBatchWeighting: _micro_batches,
+    OwnCountPerRank: _own_count,
     RankAverage: _rank_average,
     NotRankAverage: _not_rank_average,
     RerunFailed: _rerun_failed,
 }
 
 
-def _cause(f: Finding) -> Optional[str]:
+def _cause(f: Finding, w: Wrapper) -> Optional[str]:
     say = _SENTENCES.get(type(f))
-    return say(f) if say is not None else f.label
+    return say(f, w) if say is not None else f.label
+
+
+def headline(report: GradEquivReport) -> str:
+    """The verdict line of a data-parallel report."""
+    name = wrapper_of(report.check).name
+    reference = f"single-process {'weighted ' if report.weighted else ''}full-batch gradient"
+    if report.passed:
+        return f"Gradients are equivalent: the {name} gradient equals the {reference}."
+    return f"Gradients are NOT equivalent: the {name} gradient differs from the {reference}."
 
 
 def cause_lines(report: GradEquivReport) -> list[str]:
-    """The causes of a failed DDP check, one sentence each (each says what to change)."""
-    return [line for line in map(_cause, report.findings) if line]
+    """The causes of a failed data-parallel check, one sentence each (each says what to change)."""
+    w = wrapper_of(report.check)
+    return [line for line in (_cause(f, w) for f in report.findings) if line]
 
 
 def advice_lines(report: GradEquivReport) -> list[str]:
-    """What to do beyond the causes (each DDP cause sentence carries its own fix)."""
+    """What to do beyond the causes (each data-parallel cause sentence carries its own fix)."""
     if report.float64_error:
         return [
             "the float64 re-check could not run, so rounding cannot be ruled out; if these "
@@ -408,11 +553,15 @@ def advice_lines(report: GradEquivReport) -> list[str]:
 
 
 def describe_run(run: DDPRun) -> str:
-    """The run in one sentence: ranks, backend, shards, micro-batches."""
+    """The run in one sentence: ranks, backend, the sharded modules, shards, micro-batches."""
+    wrapper = wrapper_of(run.check)
     sizes = run.shard_sizes
     w = run.world_size
-    text = (
-        f"DDP step on {w} rank{_plural(w)} ({run.backend}), "
+    text = f"{wrapper.name} step on {w} rank{_plural(w)} ({run.backend}), "
+    if run.check == "fsdp":
+        units = [f"model.{u}" for u in run.units[:6]] + (["..."] if len(run.units) > 6 else [])
+        text += f"fully_shard on {fmt_and([*units, 'the root'])}, "
+    text += (
         f"shards of {fmt_and(sizes)} sample{'s' if sizes != (1,) else ''} "
         f"({SHARD_SOURCES.get(run.shard_source, run.shard_source)}"
     )
@@ -422,14 +571,15 @@ def describe_run(run: DDPRun) -> str:
     text += f": {shown})"
     if run.micro_batches > 1:
         text += (
-            f", {run.micro_batches} micro-batches per rank accumulated under no_sync() "
+            f", {run.micro_batches} micro-batches per rank accumulated {wrapper.accumulated} "
             "(the last one synchronised), each loss back-propagated as is"
         )
     return text + "."
 
 
 def run_notes(run: DDPRun) -> list[str]:
-    """The notes of a DDP report, passed or failed."""
+    """The notes of a data-parallel report, passed or failed."""
+    wrapper = wrapper_of(run.check)
     out = []
     if run.inferred_reduction is not None:
         out.append(
@@ -437,12 +587,28 @@ def run_notes(run: DDPRun) -> list[str]:
             + ("leaves it unchanged)." if run.inferred_reduction == "mean" else "doubles it).")
         )
     out.append(describe_run(run))
+    if run.mixed_precision:
+        policy = ", ".join(f"{k}=torch.{v}" for k, v in run.mixed_precision)
+        line = f"mixed precision: MixedPrecisionPolicy({policy})"
+        reduce = dict(run.mixed_precision).get("reduce_dtype")
+        if reduce is not None:
+            line += f"; the gradient reduction ran in {reduce}"
+        if run.precision is not None:
+            dtype, rtol = run.precision
+            line += f", so the comparison uses {dtype}'s tolerance (rtol={rtol:g})"
+        out.append(line + "; the float64 re-check runs the step without the policy.")
+    if run.rank_weights:
+        unit = "tokens" if run.weights_integral else "weight"
+        out.append(
+            f"the reference weights each sample by its declared weight ({_number(sum(run.rank_weights))} "
+            f"{unit} in all; per rank: {fmt_and([_number(t) for t in run.rank_weights])})."
+        )
     if run.repeated:
         out.append(
             f"DistributedSampler repeated samples {fmt_indices(run.repeated)} to even out the shards "
             f"({run.batch_size} samples padded to {sum(run.shard_sizes)})."
         )
-    if run.init_differs:
+    if run.init_differs and run.check == "ddp":
         n = len(run.init_differs)
         out.append(
             f"the ranks built different initial parameters (rank{_plural(n)} {fmt_and(run.init_differs)} "
@@ -452,7 +618,7 @@ def run_notes(run: DDPRun) -> list[str]:
     if run.reference_from_rank0:
         out.append(
             "make_model() built different initial parameters here than in rank 0; the reference "
-            "starts from rank 0's, which DDP broadcast to every rank."
+            f"starts from rank 0's, which {'DDP broadcast to every rank' if run.check == 'ddp' else 'every rank built'}."
         )
     if run.no_gradient:
         out.append(f"parameters with no gradient after the step (counted as zero): {_names(run.no_gradient)}")
@@ -462,5 +628,7 @@ def run_notes(run: DDPRun) -> list[str]:
             f"between processes): {', '.join(run.dropout)}."
         )
     if run.spread is not None:
-        out.append(f"the ranks' gradients are not bitwise identical after the all-reduce: {_spread(run.spread)}.")
+        out.append(
+            f"the ranks' gradients are not bitwise identical after the {wrapper.collective}: {_spread(run.spread)}."
+        )
     return out
