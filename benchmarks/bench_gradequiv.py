@@ -18,8 +18,11 @@ leaves the system torch alone::
 
 Models: the seed-003 MLP (784-45-16, sigmoid, MSE on one-hot targets), a small CNN (two
 strided 5x5 convs on 1x28x28, cross-entropy), a ``TransformerEncoderLayer`` (d_model 64, 4
-heads, 32 tokens, padding mask, mean-pooled over valid tokens, cross-entropy) and an
-embedding + GRU (vocab 1000, emb 32, hidden 64, 20 tokens, cross-entropy).
+heads, 32 tokens, padding mask, mean-pooled over valid tokens, cross-entropy), an
+embedding + GRU (vocab 1000, emb 32, hidden 64, 20 tokens, cross-entropy), and a model of
+real size: ``gpt2``, a GPT-2-shaped causal LM from torch.nn (embedding 50257 x 768, 4
+decoder layers of width 768, tied head, 67 M parameters) on B=4 x 64 tokens, next-token
+cross-entropy, timed for the unit, the check and the floor only (``--models gpt2``).
 
 Everything is timed in one process, with ``time.perf_counter``, after warm-up calls; the
 methods of one (model, batch size) are interleaved round-robin, so that a slow spell of the
@@ -63,6 +66,12 @@ Columns of the main table
     the allocation before the call. Quick mode probes only the largest MLP.
 ``mem x``
     ``mem check / mem unit``.
+``mem/P``
+    ``mem check`` over the model's parameter bytes: what the check holds above the resident
+    model, in units of the model (its two gradients alone are 2x, its runs' activations the rest).
+``(c-u)/P``
+    ``(mem check - mem unit)`` over the parameter bytes: the check's peak beyond the peak of the
+    warm training step (which holds one gradient and the activations itself).
 
 Other sections
 --------------
@@ -118,13 +127,18 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 METHODS: tuple[str, ...] = ("unit", "check", "floor", "naive", "vmap", "opacus")
-MODELS: tuple[str, ...] = ("mlp", "cnn", "transformer", "gru")
+MODELS: tuple[str, ...] = ("mlp", "cnn", "transformer", "gru", "gpt2")
 FULL_BATCH_SIZES: dict[str, tuple[int, ...]] = {
     "mlp": (64, 256, 1024),
     "cnn": (64, 256),
     "transformer": (64, 256),
     "gru": (64, 256),
+    "gpt2": (4,),
 }
+#: methods that make sense on a model of real size (B per-sample gradients of 67 M parameters
+#: would be the vmap and Opacus columns: 1 GB each, and no one checks a 67 M model that way)
+MODEL_METHODS: dict[str, tuple[str, ...]] = {"gpt2": ("unit", "check", "floor")}
+GPT2_TOKENS = 64
 QUICK_BATCH_SIZES: dict[str, tuple[int, ...]] = {"mlp": (16, 64), "cnn": (16,)}
 OPACUS_ENV = "GRADEQUIV_BENCH_OPACUS_PATH"
 MIB = 1024.0 * 1024.0
@@ -192,6 +206,40 @@ class GRUClassifier(nn.Module):
         return self.head(h[-1])
 
 
+class GPT2Like(nn.Module):
+    """A GPT-2-shaped causal language model from torch.nn: token embedding 50257 x 768, learned
+    positions, 4 pre-norm decoder layers of width 768 (12 heads, MLP 3072, GELU, causal mask),
+    a final LayerNorm and a head tied to the token embedding (67.0 M parameters, 268 MB in
+    float32). Dropout 0.1 as GPT-2 has; the check switches it off, the unit step does not."""
+
+    def __init__(self, vocab: int = 50257, width: int = 768, layers: int = 4, tokens: int = GPT2_TOKENS) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(tokens, width)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, 12, 4 * width, dropout=0.1, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.wte.weight  # tied, as in GPT-2
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(tokens), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        h = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
+        for block in self.blocks:
+            h = block(h, src_mask=self.causal[:t, :t], is_causal=True)
+        return self.head(self.ln_f(h))
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Causal LM loss: the logits at t predict the token at t + 1 (mean over all predictions)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
 @dataclass
 class Case:
     """One model with a batch: what every method is run on."""
@@ -234,6 +282,10 @@ def build_case(name: str, batch_size: int, device: torch.device, seed: int = 0) 
         inputs = (torch.randint(0, 1000, (b, 20)),)
         targets = torch.randint(0, 10, (b,))
         loss_fn = F.cross_entropy
+    elif name == "gpt2":
+        model = GPT2Like()
+        ids = torch.randint(0, 50257, (b, GPT2_TOKENS))
+        inputs, targets, loss_fn = (ids,), ids, next_token_loss
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     model = model.to(device).train()
@@ -409,6 +461,8 @@ def build_methods(
     fns: dict[str, Callable[[], None]] = {}
     notes: dict[str, str] = {}
     for m in methods:
+        if m not in MODEL_METHODS.get(case.name, METHODS):
+            continue
         try:
             if m == "unit":
                 fns[m] = make_unit(case)
@@ -579,7 +633,12 @@ def memory_worker(
     for b in batch_sizes:
         case = build_case(model, b, device)
         fns, notes = build_methods(case, MEMORY_METHODS, agq, opacus_parts, avail)
-        out: dict[str, Any] = {"how": how, "peak_bytes": {}, "notes": notes}
+        out: dict[str, Any] = {
+            "how": how,
+            "peak_bytes": {},
+            "notes": notes,
+            "param_bytes": sum(p.numel() * p.element_size() for p in case.model.parameters()),
+        }
         for name, fn in fns.items():
             try:
                 with warnings.catch_warnings():
@@ -684,12 +743,15 @@ def measure_guard(n_ops: int, repeats: int) -> dict[str, Any]:
 
 
 def measure_ddp(world_sizes: Sequence[int] = (2, 4), batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:
-    """Seconds per ``assert_ddp_equiv`` at each world size against the single-process check.
+    """Seconds per ``assert_ddp_equiv``, and per ``assert_fsdp_equiv`` (``fully_shard``), at each
+    world size against the single-process check.
 
     The model factory is a ``functools.partial`` of ``nn.Sequential`` over layers
     built here, so it pickles (the ranks get the same weights) even though this
     script runs as ``__main__``. The first DDP call also starts the forkserver
-    the ranks are forked from; it is reported apart.
+    the ranks are forked from; it is reported apart. The FSDP figures
+    (``fsdp_world_size_N``) come after DDP's, from the same forkserver, with
+    ``ratio_to_ddp`` their median over DDP's at the same world size.
     """
     import functools
 
@@ -723,6 +785,31 @@ def measure_ddp(world_sizes: Sequence[int] = (2, 4), batch_size: int = 64, repea
             "first_s": first,
             "median_s": later,
             "ratio": later / out["single_s"],
+        }
+    try:
+        from pytest_gradcheck import assert_fsdp_equiv
+        from pytest_gradcheck.ddp.fsdp import fully_shard_available
+    except Exception as exc:  # pragma: no cover - reported, not fatal
+        out["fsdp_status"] = f"not available ({_short(exc)})"
+        return out
+    if not fully_shard_available():
+        out["fsdp_status"] = "not available (no torch.distributed.fsdp.fully_shard)"
+        return out
+    out["fsdp_status"] = "ok"
+    for ws in world_sizes:
+        try:
+            first = median_s(lambda ws=ws: assert_fsdp_equiv(make_model, F.mse_loss, x, y, world_size=ws), 1)
+            later = median_s(lambda ws=ws: assert_fsdp_equiv(make_model, F.mse_loss, x, y, world_size=ws), repeats)
+        except Exception as exc:
+            out[f"fsdp_world_size_{ws}"] = {"status": f"failed ({_short(exc)})"}
+            continue
+        ddp_s = out.get(f"world_size_{ws}", {}).get("median_s")
+        out[f"fsdp_world_size_{ws}"] = {
+            "status": "ok",
+            "first_s": first,
+            "median_s": later,
+            "ratio": later / out["single_s"],
+            "ratio_to_ddp": later / ddp_s if ddp_s else None,
         }
     return out
 
@@ -903,6 +990,24 @@ def evaluate_targets(
         add("no model above 4x at B=256", worst[1] <= 4.0, ", ".join(f"{m} {x:.2f}x" for m, x in at256))
     else:
         add("no model above 4x at B=256", None, "no check figure at B=256")
+    for r in results:
+        if r["model"] != "gpt2":
+            continue
+        x, fl = ratio("gpt2", r["batch_size"]), ratio("gpt2", r["batch_size"], "floor")
+        detail = (
+            "n/a" if x is None else f"{x:.2f}x" + ("" if fl is None else f" (floor: the two passes alone {fl:.2f}x)")
+        )
+        add(f"check <= 2.5x warm step, GPT-2-like B={r['batch_size']}", None if x is None else x <= 2.5, detail)
+        m = r.get("memory", {})
+        pr, over, pbytes = m.get("param_ratio"), m.get("beyond_step_ratio"), m.get("param_bytes")
+        add(
+            f"check's peak beyond the warm step's <= 2.5x parameter bytes, GPT-2-like B={r['batch_size']}",
+            None if over is None else over <= 2.5,
+            "n/a"
+            if over is None or pr is None
+            else f"{over:.2f}x of {pbytes / MIB:.0f} MiB beyond the step; {pr:.2f}x above the resident model "
+            "(its two gradients are 2x, the step's activations the rest)",
+        )
     mem = [(r["model"], r["batch_size"], r.get("memory", {}).get("ratio")) for r in results]
     mem = [(m, b, x) for m, b, x in mem if x is not None]
     if mem:
@@ -954,7 +1059,7 @@ def render(report: dict[str, Any]) -> str:
     )
     lines.append("available: " + ", ".join(f"{k}: {v}" for k, v in report["availability"].items()))
     lines.append("")
-    head = f"{'model':<12}{'B':>6}{'unit ms':>10}{'check x':>9}{'(best)':>8}{'floor x':>9}{'naive x':>9}{'vmap x':>9}{'opacus x':>10}{'mem unit':>10}{'mem check':>11}{'mem x':>7}"
+    head = f"{'model':<12}{'B':>6}{'unit ms':>10}{'check x':>9}{'(best)':>8}{'floor x':>9}{'naive x':>9}{'vmap x':>9}{'opacus x':>10}{'mem unit':>10}{'mem check':>11}{'mem x':>7}{'mem/P':>7}{'(c-u)/P':>8}"
     lines.append(head)
     lines.append("-" * len(head))
     notes: list[str] = []
@@ -976,6 +1081,8 @@ def render(report: dict[str, Any]) -> str:
             f"{'-' if mu is None else f'{mu / MIB:.2f}M':>10}"
             f"{'-' if mc is None else f'{mc / MIB:.2f}M':>11}"
             f"{_fmt_x(mem.get('ratio')):>7}"
+            f"{_fmt_x(mem.get('param_ratio')):>7}"
+            f"{_fmt_x(mem.get('beyond_step_ratio')):>8}"
         )
         for m, info in ms.items():
             if info.get("note"):
@@ -1010,6 +1117,22 @@ def render(report: dict[str, Any]) -> str:
                 else:
                     parts.append(f"world_size {ws}: {v.get('status')}")
         lines.append(f"ddp ({d['model']}, B={d['batch_size']}, gloo on 127.0.0.1): " + "; ".join(parts))
+        fsdp_parts = []
+        for key, v in d.items():
+            if key.startswith("fsdp_world_size_"):
+                ws = key.rsplit("_", 1)[1]
+                if v.get("status") == "ok":
+                    vs_ddp = f", {v['ratio_to_ddp']:.1f}x DDP" if v.get("ratio_to_ddp") else ""
+                    fsdp_parts.append(
+                        f"world_size {ws}: {v['median_s']:.2f} s ({v['ratio']:.0f}x{vs_ddp}; "
+                        f"first call {v['first_s']:.1f} s)"
+                    )
+                else:
+                    fsdp_parts.append(f"world_size {ws}: {v.get('status')}")
+        if fsdp_parts:
+            lines.append("fsdp (fully_shard, same model and batch): " + "; ".join(fsdp_parts))
+        elif d.get("fsdp_status"):
+            lines.append(f"fsdp: {d['fsdp_status']}")
     else:
         lines.append(f"ddp: {d.get('status')}")
     s = report["startup"]
@@ -1170,6 +1293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pb = mem.get("peak_bytes", {})
                 if pb.get("unit") and pb.get("check") is not None:
                     mem["ratio"] = pb["check"] / pb["unit"]
+                if mem.get("param_bytes") and pb.get("check") is not None:
+                    mem["param_ratio"] = pb["check"] / mem["param_bytes"]
+                    if pb.get("unit") is not None:
+                        mem["beyond_step_ratio"] = (pb["check"] - pb["unit"]) / mem["param_bytes"]
                 r["memory"] = mem
             print(f"  memory {model} in {time.perf_counter() - t_mem:.0f} s", file=sys.stderr, flush=True)
         results.extend(rows)

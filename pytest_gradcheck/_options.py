@@ -77,6 +77,25 @@ def check_bool(value: Any, name: str, source: str = "argument") -> bool:
     raise InvalidArgument(f"Invalid {name}={value!r} from {source}: expected True or False")
 
 
+def check_chunk_size(value: Any, name: str, source: str = "argument") -> int | None:
+    """Return ``value`` as an int >= 1 (``None`` passes through: the whole batch at once).
+
+    >>> check_chunk_size("16", "chunk_size")
+    16
+    """
+    if value is None:
+        return None
+    bad = InvalidArgument(f"Invalid {name}={value!r} from {source}: expected an int >= 1 (samples per chunk)")
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isdigit():
+            raise bad
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad
+    return value
+
+
 def check_text(value: Any, name: str, source: str = "argument") -> str | None:
     """Return ``value`` if it is a non-empty string (``None`` passes through)."""
     if value is None:
@@ -154,6 +173,7 @@ def choice(*choices: str) -> OptionType:
 
 
 TOLERANCE = OptionType(check_tolerance)
+CHUNK = OptionType(check_chunk_size)
 BOOL = OptionType(check_bool, parse_text=_bool_from_text)  # on the command line: a flag that sets True
 TEXT = OptionType(check_text)
 ANY = OptionType(_as_is)
@@ -172,6 +192,8 @@ WATCHING = frozenset({"gradequiv", "numpy", "accumulation"})
 PER_SAMPLE = frozenset({"gradequiv", "step", "numpy", "per_sample_gradients"})
 #: re-run a mismatch in float64
 RECHECKING = EVERY_CHECK - {"independent"}
+#: compute the per-sample reference with torch.func.vmap, which can run in chunks of samples
+CHUNKING = frozenset({"gradequiv", "step", "per_sample_gradients"})
 
 
 @dataclass(frozen=True)
@@ -281,6 +303,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("reference", choice(*REFERENCE_METHODS), "auto", PER_SAMPLE, "how per-sample gradients are computed"),
     Option("float64_recheck", BOOL, True, RECHECKING, "re-run a mismatch in float64 before calling it a bug"),
     Option("per_sample", BOOL, False, frozenset({"gradequiv", "step"}), "put per-sample gradients on the report"),
+    Option(
+        "chunk_size",
+        CHUNK,
+        None,
+        CHUNKING,
+        "samples per call of the per-sample reference",
+        session=True,
+        unset="the whole batch",
+    ),
     Option("json", TEXT, None, frozenset(), "write the session's checks to this JSON file", session=True),
     Option("annotations", BOOL, False, frozenset(), "print GitHub Actions ::error lines for failures", session=True),
     Option(

@@ -506,7 +506,7 @@ class MicroBatchProblem(TorchProblem):
             )
         return loss
 
-    def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
+    def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, torch.Tensor]:
         step = self.build_step(None, float64)
         with self._precision(float64):
             state, params = self._state(float64)
@@ -518,4 +518,4 @@ class MicroBatchProblem(TorchProblem):
                 total = total + losses[k] * c[k]
             grads = torch.autograd.grad(total, params, allow_unused=True)
         self._keep_losses(torch.stack([loss.detach() for loss in losses]))
-        return self._to_numpy(grads, params)
+        return self._named(grads, params)

@@ -1,16 +1,25 @@
-"""The one comparison rule: tolerances per dtype, gradients as flat buffers, per-parameter figures.
+"""The one comparison rule: tolerances per dtype, per-parameter figures, for every backend.
 
 A parameter matches when ``max|batch - reference| <= atol + rtol * scale``, with
 ``scale`` the larger of its own gradient's largest magnitude and
 ``PROBLEM_SCALE_FRACTION`` of the largest gradient entry of the whole problem; in
 the float64 re-check an error that shrank from the working dtype as rounding error
 does is rounding (:func:`mark_rounding`). Every check compares through :class:`Pair`.
+
+The figures (largest magnitudes, norms, dot products, largest errors) come from
+:class:`Reductions` of the library that holds the gradients: torch tensors are
+reduced by torch on their own device, chunk by chunk in float64, without flat or
+float64 copies of whole gradients (:mod:`pytest_gradcheck._torch.reductions`);
+NumPy arrays (the NumPy backend, DDP ranks) by NumPy over one flat buffer. Only a few
+scalars per parameter leave the device on a passing check.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence
 
 from .report import Comparison, ParamComparison
 
@@ -71,13 +80,12 @@ def default_tolerances(dtype: str, rtol: float | None = None, atol: float | None
 class FlatGrads(dict[str, Any]):
     """``{parameter name: ndarray}`` whose arrays are views into one flat buffer.
 
-    The comparison reduces every parameter in a handful of NumPy calls over the
-    buffer (``ufunc.reduceat`` per statistic) instead of ~10 calls per parameter,
-    which dominated the check for models with many small parameters. Backends
-    that can lay their gradients out this way (the torch backend: one
-    ``np.concatenate`` of the CPU gradients' shared memory, or one ``torch.cat``
-    and one copy to the host) build it with :meth:`from_flat`;
-    any other mapping is concatenated once by :meth:`of`.
+    The NumPy reductions work on the buffer (``ufunc.reduceat`` per statistic)
+    instead of ~10 calls per parameter, which dominated the check for models with
+    many small parameters. Backends that can lay their gradients out this way
+    build it with :meth:`from_flat`; any other mapping of arrays is concatenated
+    once by :meth:`of`. Torch gradients are never flattened: see
+    :mod:`pytest_gradcheck._torch.reductions`.
     """
 
     flat: "np.ndarray"
@@ -107,66 +115,218 @@ class FlatGrads(dict[str, Any]):
         return out
 
     @classmethod
-    def of(cls, grads: Mapping[str, "np.ndarray"], names: Optional[Sequence[str]] = None) -> "FlatGrads":
+    def of(cls, grads: Mapping[str, Any], names: Optional[Sequence[str]] = None) -> "FlatGrads":
         """``grads`` as FlatGrads (itself if it already is one, in the order of ``names``)."""
         import numpy as np
 
         names = list(grads) if names is None else list(names)
         if isinstance(grads, FlatGrads) and list(grads) == names:
             return grads
-        arrays = [np.asarray(grads[n]) for n in names]
+        arrays = [host64(grads[n]) if is_tensor(grads[n]) else np.asarray(grads[n]) for n in names]
         flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
         return cls.from_flat(flat, names, [a.shape for a in arrays])
 
 
-class Side:
-    """One gradient's figures that do not depend on the other side, per parameter:
-    the largest magnitude and the squared norm, each in one pass over all parameters."""
+# --------------------------------------------------------------------------- reductions
 
-    def __init__(self, grads: Mapping[str, "np.ndarray"], names: Sequence[str]) -> None:
+
+def is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch (a NumPy session never does)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def host64(x: Any) -> "np.ndarray":
+    """``x`` (a NumPy array or a torch tensor on any device) as a float64 NumPy array on the host.
+
+    Only the diagnosis of a mismatch calls it: a passing check copies nothing to the host.
+    """
+    import numpy as np
+
+    if is_tensor(x):
+        return np.asarray(x.detach().to("cpu", dtype=sys.modules["torch"].float64).numpy())
+    return np.asarray(x, dtype=np.float64)
+
+
+class Reductions(Protocol):
+    """The per-parameter figures a comparison needs, computed by one array library.
+
+    Every method takes the arrays in parameter order, as :meth:`prepare` made them,
+    and returns plain floats: on the passing path these few scalars per parameter
+    are all that leaves the gradients' device.
+    """
+
+    def prepare(self, arrays: Sequence[Any], names: Sequence[str]) -> Any:
+        """The arrays laid out for the other methods (no copy where the library allows)."""
+        ...
+
+    def amax(self, data: Any) -> list[float]:
+        """``max |x|`` per parameter (NaN if it holds a NaN, 0 if empty)."""
+        ...
+
+    def sq(self, data: Any) -> list[float]:
+        """``sum x**2`` per parameter, accumulated in float64."""
+        ...
+
+    def joint(self, b: Any, r: Any, ks: Sequence[float]) -> "Joint":
+        """One pass over both sides: their squared norms, their dot product and, for each
+        ``k``, ``max |b - k * r|`` per parameter."""
+        ...
+
+    def max_diff(self, b: Any, r: Any, k: float) -> list[float]:
+        """``max |b - k * r|`` per parameter."""
+        ...
+
+    def count_over(self, b: Any, r: Any, i: int, k: float, allowed: float) -> int:
+        """How many entries of parameter ``i`` have ``|b - k * r| > allowed``."""
+        ...
+
+    def non_finite(self, data: Any, i: int) -> int:
+        """How many entries of parameter ``i`` are NaN or infinite."""
+        ...
+
+
+@dataclass
+class Joint:
+    """What :meth:`Reductions.joint` computes, per parameter in order."""
+
+    sq_b: list[float]
+    sq_r: list[float]
+    dot: list[float]
+    diff: dict[float, list[float]]
+
+
+class NumpyReductions:
+    """The reductions over one flat NumPy buffer per side (:class:`FlatGrads`), ``reduceat`` each."""
+
+    def prepare(self, arrays: Sequence[Any], names: Sequence[str]) -> FlatGrads:
+        return FlatGrads.of(dict(zip(names, arrays)), names)
+
+    @staticmethod
+    def _per_param(data: FlatGrads, values: "np.ndarray") -> list[float]:
+        out = dict.fromkeys(data, 0.0)
+        out.update(zip(data.nonempty, values.tolist()))  # one conversion, not one per parameter
+        return list(out.values())
+
+    def amax(self, data: FlatGrads) -> list[float]:
         import numpy as np
 
-        self.g = FlatGrads.of(grads, names)
-        flat, starts = self.g.flat, self.g.starts
-        self.amax: dict[str, float] = dict.fromkeys(names, 0.0)
-        self.sq: dict[str, float] = dict.fromkeys(names, 0.0)
-        if len(starts):
-            # max and -min, not |x|.max(): no temporary; NaN propagates through both
-            hi, lo = np.maximum.reduceat(flat, starts), np.minimum.reduceat(flat, starts)
-            np.maximum(hi, np.negative(lo, out=lo), out=hi)
-            sq = np.add.reduceat(np.square(flat), starts, dtype=np.float64)  # accumulated in float64
-            self.amax.update(zip(self.g.nonempty, hi.tolist()))  # one conversion, not one per parameter
-            self.sq.update(zip(self.g.nonempty, sq.tolist()))
+        if not len(data.starts):
+            return [0.0] * len(data)
+        # max and -min, not |x|.max(): no temporary; NaN propagates through both
+        hi, lo = np.maximum.reduceat(data.flat, data.starts), np.minimum.reduceat(data.flat, data.starts)
+        return self._per_param(data, np.maximum(hi, np.negative(lo, out=lo), out=hi))
+
+    def sq(self, data: FlatGrads) -> list[float]:
+        import numpy as np
+
+        if not len(data.starts):
+            return [0.0] * len(data)
+        return self._per_param(data, np.add.reduceat(np.square(data.flat), data.starts, dtype=np.float64))
+
+    def joint(self, b: FlatGrads, r: FlatGrads, ks: Sequence[float]) -> Joint:
+        import numpy as np
+
+        if len(r.starts):
+            dot = self._per_param(r, np.add.reduceat(np.multiply(b.flat, r.flat), r.starts, dtype=np.float64))
+        else:
+            dot = [0.0] * len(r)
+        return Joint(self.sq(b), self.sq(r), dot, {k: self.max_diff(b, r, k) for k in ks})
+
+    def max_diff(self, b: FlatGrads, r: FlatGrads, k: float) -> list[float]:
+        import numpy as np
+
+        if not len(r.starts):
+            return [0.0] * len(r)
+        diff = np.subtract(b.flat, r.flat) if k == 1.0 else np.subtract(b.flat, np.multiply(r.flat, k))
+        return self._per_param(r, np.maximum.reduceat(np.abs(diff, out=diff), r.starts))
+
+    def count_over(self, b: FlatGrads, r: FlatGrads, i: int, k: float, allowed: float) -> int:
+        import numpy as np
+
+        name = list(r)[i]
+        return int((np.abs(np.asarray(b[name]) - k * np.asarray(r[name])) > allowed).sum())
+
+    def non_finite(self, data: FlatGrads, i: int) -> int:
+        import numpy as np
+
+        return int((~np.isfinite(data[list(data)[i]])).sum())
+
+
+_NUMPY = NumpyReductions()
+
+
+def reductions_for(arrays: Sequence[Any]) -> Reductions:
+    """The reductions of the library that holds ``arrays``: torch's for tensors (on their own
+    device), NumPy's otherwise (a mix of both is compared on the host, in NumPy)."""
+    if arrays and all(is_tensor(a) for a in arrays):
+        from ._torch.reductions import TORCH
+
+        return TORCH
+    return _NUMPY
+
+
+class Side:
+    """One gradient's figures that do not depend on the other side, per parameter: the
+    largest magnitude (computed at once) and the squared norm (when first needed)."""
+
+    def __init__(self, grads: Mapping[str, Any], names: Sequence[str], reductions: Optional[Reductions] = None) -> None:
+        self.names = list(names)
+        arrays = [grads[n] for n in self.names]
+        self.ops: Reductions = reductions if reductions is not None else reductions_for(arrays)
+        self.data = self.ops.prepare(arrays, self.names)
+        self.g: dict[str, Any] = dict(zip(self.names, arrays)) if not isinstance(self.data, dict) else self.data
+        self.shapes = {n: tuple(int(x) for x in a.shape) for n, a in zip(self.names, arrays)}
+        self.amax: dict[str, float] = dict(zip(self.names, self.ops.amax(self.data)))
+        self._sq: Optional[dict[str, float]] = None
+
+    @property
+    def sq(self) -> dict[str, float]:
+        if self._sq is None:
+            self._sq = dict(zip(self.names, self.ops.sq(self.data)))
+        return self._sq
 
     def finite(self, name: str) -> bool:
-        return math.isfinite(self.amax[name]) and math.isfinite(self.sq[name])
+        return math.isfinite(self.amax[name])  # NaN and inf both show in the largest magnitude
 
     def non_finite(self, name: str) -> int:
-        import numpy as np
-
-        return int((~np.isfinite(self.g[name])).sum())
+        return self.ops.non_finite(self.data, self.names.index(name))
 
 
 class Pair:
-    """A batch gradient and a reference, compared under any scale ``k`` of the reference."""
+    """A batch gradient and a reference, compared under any scale ``k`` of the reference.
+
+    ``ks`` are the scales the caller will compare under: their errors are computed in
+    the same pass as the norms and the dot product (one read of both gradients).
+    """
 
     def __init__(
         self,
-        batch: Mapping[str, "np.ndarray"],
-        reference: Mapping[str, "np.ndarray"],
+        batch: Mapping[str, Any],
+        reference: Mapping[str, Any],
         batch_side: Optional["Side"] = None,
+        ks: Sequence[float] = (1.0,),
     ) -> None:
-        import numpy as np
-
         self.names = list(reference)
-        self.b = batch_side if batch_side is not None and list(batch_side.g) == self.names else Side(batch, self.names)
-        self.r = Side(reference, self.names)
-        self.shapes = {n: tuple(int(x) for x in a.shape) for n, a in self.r.g.items()}
-        self.dot: dict[str, float] = dict.fromkeys(self.names, 0.0)
-        starts = self.r.g.starts
-        if len(starts):
-            dots = np.add.reduceat(np.multiply(self.b.g.flat, self.r.g.flat), starts, dtype=np.float64)
-            self.dot.update(zip(self.r.g.nonempty, dots.tolist()))
+        ops = reductions_for([*(reference[n] for n in self.names), *(batch[n] for n in self.names)])
+        if batch_side is not None and batch_side.names == self.names and batch_side.ops is ops:
+            self.b = batch_side
+        else:
+            self.b = Side(batch, self.names, ops)
+        self.r = Side(reference, self.names, ops)
+        self.ops = ops
+        self.shapes = self.r.shapes
+        joint = ops.joint(self.b.data, self.r.data, tuple(dict.fromkeys(float(k) for k in ks)))
+        self.b._sq, self.r._sq = dict(zip(self.names, joint.sq_b)), dict(zip(self.names, joint.sq_r))
+        self.dot: dict[str, float] = dict(zip(self.names, joint.dot))
+        self._diff = {k: dict(zip(self.names, v)) for k, v in joint.diff.items()}
+
+    def max_diff(self, k: float) -> dict[str, float]:
+        """``max |batch - k * reference|`` per parameter."""
+        k = float(k)
+        if k not in self._diff:
+            self._diff[k] = dict(zip(self.names, self.ops.max_diff(self.b.data, self.r.data, k)))
+        return self._diff[k]
 
     def problem_scale(self, k: float) -> float:
         """The largest gradient entry of any parameter, on either side (``k`` scales the reference)."""
@@ -189,22 +349,12 @@ class Pair:
         ``PROBLEM_SCALE_FRACTION`` of ``problem_scale`` (by default the largest
         gradient entry of the whole problem, see :meth:`problem_scale`).
         """
-        import numpy as np
-
         if problem_scale is None:
             problem_scale = self.problem_scale(k)
         floor = PROBLEM_SCALE_FRACTION * problem_scale
-
-        worst: dict[str, float] = {}
-        diff = None
-        starts = self.r.g.starts
-        if len(starts):
-            b, r = self.b.g.flat, self.r.g.flat
-            diff = np.subtract(b, r) if k == 1.0 else np.subtract(b, np.multiply(r, k))
-            np.abs(diff, out=diff)
-            worst = dict(zip(self.r.g.nonempty, np.maximum.reduceat(diff, starts).tolist()))
+        worst: Optional[dict[str, float]] = None
         out = []
-        for n in self.names:
+        for i, n in enumerate(self.names):
             shape = self.shapes[n]
             numel = math.prod(shape)
             if numel == 0:
@@ -214,15 +364,13 @@ class Pair:
                 bad = self.b.non_finite(n) + self.r.non_finite(n)
                 out.append(ParamComparison(n, shape, math.inf, math.inf, atol, float("nan"), float("nan"), bad, numel))
                 continue
+            if worst is None:
+                worst = self.max_diff(k)
             own = max(self.b.amax[n], abs(k) * self.r.amax[n])
             scale = max(own, floor)
             allowed = atol + rtol * scale
             max_abs = worst[n]
-            over = 0
-            if max_abs > allowed and diff is not None:
-                i = self.r.g.nonempty.index(n)
-                start = int(starts[i])
-                over = int((diff[start : start + numel] > allowed).sum())
+            over = self.ops.count_over(self.b.data, self.r.data, i, k, allowed) if max_abs > allowed else 0
             rel = max_abs / scale if scale > 0 else 0.0
             nb, nr = math.sqrt(self.b.sq[n]), abs(k) * math.sqrt(self.r.sq[n])
             if nb > 0 and nr > 0:
@@ -240,8 +388,8 @@ class Pair:
 
 
 def compare_gradients(
-    batch: Mapping[str, "np.ndarray"],
-    reference: Mapping[str, "np.ndarray"],
+    batch: Mapping[str, Any],
+    reference: Mapping[str, Any],
     *,
     rtol: float,
     atol: float,

@@ -9,7 +9,7 @@ parameters, and last the weights the batch gradient gives each unit.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from .report import Finding
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .verdict import GradientProblem
 
-from .compare import Pair, compare_gradients
+from .compare import Pair, compare_gradients, host64
 
 #: the label value losses ignore by default (``F.cross_entropy``'s ``ignore_index``), used to name
 #: token-count weightings by every backend
@@ -47,10 +47,11 @@ def references(
     return out
 
 
-def flat(grads: Mapping[str, "np.ndarray"], names: Sequence[str]) -> "np.ndarray":
+def flat(grads: Mapping[str, Any], names: Sequence[str]) -> "np.ndarray":
+    """The gradients of ``names`` as one float64 vector on the host (a diagnosis only)."""
     import numpy as np
 
-    return np.concatenate([np.asarray(grads[n], dtype=np.float64).ravel() for n in names])
+    return np.concatenate([host64(grads[n]).ravel() for n in names])
 
 
 def close(x: float, target: float, rel: float = 1e-3) -> bool:
@@ -168,8 +169,8 @@ def diagnose(
     G = np.stack([flat({n: per_sample[n][i] for n in names}, names) for i in range(b)])  # (B, P)
     w, _res, rank, _sv = np.linalg.lstsq(G.T, gv, rcond=None)
     fitted = G.T @ w
-    offsets = np.cumsum([0] + [int(np.size(declared[n])) for n in names])
-    fitted_g = {n: fitted[offsets[i] : offsets[i + 1]].reshape(np.shape(declared[n])) for i, n in enumerate(names)}
+    offsets = np.cumsum([0] + [math.prod(pair.shapes[n]) for n in names])
+    fitted_g = {n: fitted[offsets[i] : offsets[i + 1]].reshape(pair.shapes[n]) for i, n in enumerate(names)}
     in_span = compare_gradients(g, fitted_g, rtol=rtol * 10, atol=atol, reduction=hyp, precision=precision).passed
     if not in_span:
         findings.append(Finding("not-combination"))
@@ -221,11 +222,11 @@ def _parameter_scales(
     # Any number is a scale of any other: a one-entry parameter is evidence of nothing. The
     # finding needs a parameter of several entries that is a pure scale, and a one-entry
     # parameter is named only with a factor that such a parameter shows too.
-    evidence = [k for n, k in out if pair.r.g[n].size > 1]
+    evidence = [k for n, k in out if math.prod(pair.shapes[n]) > 1]
     if not evidence:
         return ()
     for n, k in out:
-        if pair.r.g[n].size == 1 and not any(close(k, e) for e in evidence):
+        if math.prod(pair.shapes[n]) == 1 and not any(close(k, e) for e in evidence):
             return ()
     return tuple(out)
 

@@ -57,6 +57,7 @@ def assert_gradequiv(
     reference: str = "auto",
     float64_recheck: bool = True,
     per_sample: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> GradEquivReport:
     """Assert that the batch gradient equals the accumulation of per-sample gradients.
 
@@ -85,6 +86,10 @@ def assert_gradequiv(
     ``"vmap"`` or ``"loop"``. ``per_sample=True`` puts the tool's per-sample
     gradients on the report, pass or fail: ``report.per_sample_gradients``,
     ``{name: (B, *shape)}`` (each sample's loss, the sample run alone).
+    ``chunk_size=n`` runs the per-sample reference n samples at a time (one vmap
+    call and one backward per chunk, the chunks' gradients summed): its activations
+    are those of n samples rather than of the whole batch, for large batches; the
+    report states it. By default the whole batch is one chunk.
 
     Returns a :class:`~pytest_gradcheck.report.GradEquivReport`; raises
     :class:`~pytest_gradcheck.errors.GradEquivError` on mismatch and
@@ -114,6 +119,7 @@ def assert_gradequiv(
             "reference": reference,
             "float64_recheck": float64_recheck,
             "per_sample": per_sample,
+            "chunk_size": chunk_size,
         }
     )
     inputs_t, targets_t, targets_is_tuple = loss_call_arguments(model, loss_fn, inputs, targets)
@@ -132,6 +138,7 @@ def assert_gradequiv(
         build,
         (inputs_t, targets_t),
         reference=opts["reference"],
+        chunk_size=opts["chunk_size"],
         watch_broadcast=opts["broadcast"] != "off",
         extra_modules=loss_modules,
         weight_candidates=candidates,
@@ -154,6 +161,7 @@ def assert_gradequiv_step(
     reference: str = "auto",
     float64_recheck: bool = True,
     per_sample: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> GradEquivReport:
     """The general form of :func:`assert_gradequiv` for any training step.
 
@@ -190,6 +198,7 @@ def assert_gradequiv_step(
             "reference": reference,
             "float64_recheck": float64_recheck,
             "per_sample": per_sample,
+            "chunk_size": chunk_size,
         }
     )
     check_model(model)
@@ -215,6 +224,7 @@ def assert_gradequiv_step(
         build,
         batch,
         reference=opts["reference"],
+        chunk_size=opts["chunk_size"],
         watch_broadcast=True,
         allow_non_tensor=True,
         weight_candidates=candidates,

@@ -149,11 +149,12 @@ def assert_batch_independent(
 
     saved = SavedState(model, ())
     try:
+        saved.set_aside_grads()
         dropout = disable_dropout_modules(model)
         checker = _Checker(model, xs, names, checked, seed, rtol_v, atol_v)
         # dropout applied functionally (attention dropout_p, F.dropout with a rate read from
         # a module or a float attribute) is switched off at the op
-        with NeutralDropout() as neutral:
+        with saved.watching_writes(), NeutralDropout() as neutral:
             report = checker.run()
         report.subset = subset
         functional = tuple(f"{op} (applied functionally, neutralised at the op)" for op in neutral.neutralised)

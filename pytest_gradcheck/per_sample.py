@@ -42,6 +42,7 @@ def assert_per_sample_gradients(
     atol_float64: Optional[float] = None,
     reference: str = "auto",
     float64_recheck: bool = True,
+    chunk_size: Optional[int] = None,
 ) -> GradEquivReport:
     """Assert that supplied per-sample gradients equal each sample's gradient, run alone.
 
@@ -57,7 +58,9 @@ def assert_per_sample_gradients(
     their own dtype's tolerance there). A failure names the parameters, the
     samples and the factor: ``fc.weight: B times the reference (B=8), in all 8
     samples``, or that every row holds the sum over the batch (a grad sampler that
-    sums over the batch dimension it must keep).
+    sums over the batch dimension it must keep). ``chunk_size=n`` computes the
+    reference gradients n samples per vmap call (``torch.func.vmap``'s own
+    ``chunk_size``), bounding the memory of that call.
 
     >>> import torch, torch.nn.functional as F
     >>> model = torch.nn.Linear(3, 2)
@@ -78,6 +81,7 @@ def assert_per_sample_gradients(
             "atol_float64": atol_float64,
             "reference": reference,
             "float64_recheck": float64_recheck,
+            "chunk_size": chunk_size,
         }
     )
     inputs_t, targets_t, targets_is_tuple = loss_call_arguments(model, loss_fn, inputs, targets)
@@ -87,6 +91,7 @@ def assert_per_sample_gradients(
         build,
         (inputs_t, targets_t),
         reference=opts["reference"],
+        chunk_size=opts["chunk_size"],
         watch_broadcast=False,
         extra_modules=[loss_fn] if isinstance(loss_fn, torch.nn.Module) else [],
     )
@@ -187,6 +192,10 @@ class _PerSampleProblem:
     @property
     def fallback_reason(self) -> Optional[str]:
         return self.inner.fallback_reason
+
+    @property
+    def chunk_size(self) -> Optional[int]:
+        return self.inner.chunk_size
 
     @property
     def dropout_disabled(self) -> tuple[str, ...]:

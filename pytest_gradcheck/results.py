@@ -178,6 +178,7 @@ def make_record(report: Any, nodeid: str, seconds: float, rootdir: str, kind: Op
         "dtype": getattr(report, "dtype", None),
         "device": getattr(report, "device", None),
         "reference": getattr(report, "reference_method", None),
+        "chunk_size": getattr(report, "chunk_size", None),
         "reference_reason": getattr(report, "reference_reason", None) or getattr(report, "fallback_reason", None),
         "rtol": _number(getattr(final, "rtol", None)),
         "atol": _number(getattr(final, "atol", None)),

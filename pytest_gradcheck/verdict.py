@@ -3,7 +3,8 @@
 A backend describes its check as a :class:`GradientProblem`: it can compute the
 batch gradient and the weighted accumulation ``sum_i c_i * grad(loss_i)`` of
 per-sample gradients (each sample run alone), in the working dtype and in
-float64, as NumPy arrays. :func:`run_check` then compares, re-checks in float64
+float64, as arrays of its own library (torch tensors on their device, or NumPy
+arrays), which the comparison reduces where they are. :func:`run_check` then compares, re-checks in float64
 before calling a mismatch a bug, diagnoses the cause, and returns a
 :class:`~pytest_gradcheck.report.GradEquivReport` or raises
 :class:`~pytest_gradcheck.errors.GradEquivError`.
@@ -44,7 +45,8 @@ __all__ = [
 class GradientProblem(Protocol):
     """What a backend provides to :func:`run_check`.
 
-    Gradients are returned as ``{parameter name: float64 ndarray}``.
+    Gradients are returned as ``{parameter name: array}``: torch tensors (on the
+    parameters' device, in their dtype, as autograd returned them) or NumPy arrays.
     """
 
     @property
@@ -71,9 +73,9 @@ class GradientProblem(Protocol):
     @property
     def broadcasts(self) -> tuple[Any, ...]: ...
 
-    def batch_gradient(self, float64: bool) -> dict[str, "np.ndarray"]: ...
+    def batch_gradient(self, float64: bool) -> Mapping[str, Any]: ...
 
-    def reference_gradient(self, coeffs: "np.ndarray", float64: bool) -> dict[str, "np.ndarray"]: ...
+    def reference_gradient(self, coeffs: "np.ndarray", float64: bool) -> Mapping[str, Any]: ...
 
     def per_sample_gradients(self, float64: bool) -> Optional[dict[str, "np.ndarray"]]: ...
 
@@ -102,6 +104,17 @@ _WHOLE_BATCH = (
     "undefined for a batch of one (the std of one sample is NaN), so per-sample gradients do not exist. "
     "Compute the statistic per sample, or pass it in as a constant, to check the rest."
 )
+
+
+def _why_not(exc: BaseException) -> str:
+    """Why the float64 re-check could not run, in words (lack of memory said plainly)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
+        return (
+            "not enough memory (it holds float64 copies of the parameters and of both gradients): "
+            f"{type(exc).__name__}: {text}"
+        )
+    return f"{type(exc).__name__}: {text}"
 
 
 def _run_notes(problem: GradientProblem, passed: bool) -> list[str]:
@@ -153,7 +166,7 @@ def run_check(
     # make the reference exact, so their own dtype's tolerance holds there too
     fixed = getattr(problem, "fixed_batch_precision", False)
 
-    def evaluate(float64: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Comparison]]:
+    def evaluate(float64: bool) -> tuple[Mapping[str, Any], Mapping[str, Any], dict[str, Comparison]]:
         precision = "float64" if float64 else problem.dtype
         if float64 and not fixed and problem.dtype != "float64":
             r, a = default_tolerances("float64", rtol_float64, atol_float64)
@@ -163,16 +176,15 @@ def run_check(
         g_side = Side(g, list(g))
         _raise_non_finite(g_side, "batch gradient", _OVERFLOW)  # before the reference is computed
         s = problem.reference_gradient(coeffs, float64)
-        pair = Pair(g, s, batch_side=g_side)
+        # each hypothesis scales the one reference (1 for sum, 1/sum(c) for mean): no copies, and
+        # every scale's errors come from the one pass that reads both gradients
+        total = float(coeffs.sum())
+        ks = {h: 1.0 if h == "sum" else 1.0 / total for h in hyps}
+        pair = Pair(g, s, batch_side=g_side, ks=list(ks.values()))
         _raise_non_finite(
             pair.r, "per-sample reference gradient", _WHOLE_BATCH
         )  # the batch gradient is finite (checked above)
-        total = float(coeffs.sum())
-        # each hypothesis scales the one reference (1 for sum, 1/sum(c) for mean): no copies
-        comps = {
-            h: pair.compare(1.0 if h == "sum" else 1.0 / total, r, a, reduction_label(h, weighted), precision)
-            for h in hyps
-        }
+        comps = {h: pair.compare(ks[h], r, a, reduction_label(h, weighted), precision) for h in hyps}
         return g, s, comps
 
     def first_pass(comps: Mapping[str, Comparison]) -> Optional[str]:
@@ -191,14 +203,17 @@ def run_check(
     f64_error: Optional[str] = None
     used_f64 = problem.dtype == "float64"
     vacuous = working.scale == 0.0  # every gradient exactly zero: nothing to compare
+    shortfall = getattr(problem, "float64_shortfall", None)
     if matched is None and float64_recheck and problem.dtype != "float64":
         try:
-            g64, s64, comps64 = evaluate(True)
+            f64_error = shortfall() if shortfall is not None else None  # refused before it could crash
+            if f64_error is None:
+                g64, s64, comps64 = evaluate(True)
         except InvalidArgument:
             raise
         except Exception as exc:  # the re-check is best effort: say why it could not run
-            f64_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        else:
+            f64_error = _why_not(exc)
+        if f64_error is None:
             limit = rounding_shrink_limit(problem.dtype)
             comps64 = {h: mark_rounding(comps64[h], comps[h], limit) for h in hyps}
             matched = first_pass(comps64)
@@ -222,6 +237,7 @@ def run_check(
         float64_error=f64_error,
         reference_method=problem.reference_method,
         fallback_reason=problem.fallback_reason,
+        chunk_size=getattr(problem, "chunk_size", None),
         dropout_disabled=tuple(problem.dropout_disabled),
         broadcasts=tuple(problem.broadcasts),
         broadcast_scope=getattr(problem, "broadcast_scope", "the loss"),

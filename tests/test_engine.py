@@ -732,10 +732,12 @@ def test_packed_sequences_still_fall_back_to_the_loop() -> None:
     assert report.passed and report.reference_method == "loop"
 
 
-def test_gradient_layout_matches_torch_for_strided_missing_and_widened_gradients() -> None:
-    """``_to_numpy`` (NumPy concatenation on CPU, torch.cat elsewhere) keeps every value in place."""
+def test_gradient_figures_match_numpy_for_strided_missing_and_half_gradients() -> None:
+    """Torch gradients are compared as autograd returns them (no flat copy): expanded (stride 0),
+    transposed, missing (None) and float16 gradients give NumPy's figures, in float64."""
     from pytest_gradcheck._torch.loss import loss_step_builder
     from pytest_gradcheck._torch.problem import TorchProblem
+    from pytest_gradcheck.compare import Pair
 
     model = nn.Linear(3, 2)
     problem = TorchProblem(
@@ -746,12 +748,25 @@ def test_gradient_layout_matches_torch_for_strided_missing_and_widened_gradients
     w, b = problem.params
     expanded = torch.ones(()).expand(2, 3)  # stride 0, as autograd returns for sum()
     transposed = torch.arange(6.0).reshape(3, 2).t()  # non-contiguous
+    other = {"weight": torch.full((2, 3), 0.5), "bias": torch.tensor([0.25, -1.0])}
     for grads in [(expanded, None), (transposed, torch.tensor([1.0, -2.0])), (transposed.half(), b.detach().half())]:
-        flat = problem._to_numpy(grads, [w, b])
-        expected = torch.cat(
-            [(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, [w, b])]
-        ).numpy()
-        assert flat.flat.dtype == np.float32
-        np.testing.assert_array_equal(flat.flat, expected)
-        np.testing.assert_array_equal(flat["weight"], expected[:6].reshape(2, 3))
-        assert flat["bias"].shape == (2,)
+        named = problem._named(grads, [w, b])
+        assert named["weight"].shape == (2, 3) and named["bias"].shape == (2,)
+        as_numpy = {n: t.double().numpy() for n, t in named.items()}
+        ref_numpy = {n: t.double().numpy() for n, t in other.items()}
+        for k in (1.0, 0.25):
+            torch_pair = Pair(named, other, ks=(k,))
+            numpy_pair = Pair(as_numpy, ref_numpy, ks=(k,))
+            assert torch_pair.ops is not numpy_pair.ops
+            for n in ("weight", "bias"):  # float32 products either way: to float32's resolution
+                assert torch_pair.b.amax[n] == numpy_pair.b.amax[n]
+                assert torch_pair.b.sq[n] == pytest.approx(numpy_pair.b.sq[n], rel=1e-6)
+                assert torch_pair.dot[n] == pytest.approx(numpy_pair.dot[n], rel=1e-6, abs=1e-300)
+                assert torch_pair.max_diff(k)[n] == pytest.approx(numpy_pair.max_diff(k)[n], rel=1e-6)
+            t_cmp = torch_pair.compare(k, 1e-4, 0.0, "mean", "float32")
+            n_cmp = numpy_pair.compare(k, 1e-4, 0.0, "mean", "float32")
+            for tp, np_ in zip(t_cmp.params, n_cmp.params):
+                assert tp.mismatched == np_.mismatched and tp.passed == np_.passed
+                assert [tp.max_abs_err, tp.cosine, tp.ratio] == pytest.approx(
+                    [np_.max_abs_err, np_.cosine, np_.ratio], rel=1e-6, nan_ok=True
+                )

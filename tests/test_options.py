@@ -310,7 +310,7 @@ def test_marker_help_is_the_full_signature(pytester: pytest.Pytester) -> None:
     assert MARKER_HELP.startswith(
         "gradequiv(*, rtol=None, atol=None, rtol_float64=None, atol_float64=None, reduction='mean', weights=None, "
         "broadcast='warn', "
-        "reference='auto', float64_recheck=True, per_sample=False): "
+        "reference='auto', float64_recheck=True, per_sample=False, chunk_size=None): "
     )
     result = pytester.runpytest("--markers", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(
@@ -360,7 +360,10 @@ def test_header_shows_the_session_settings(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
     result = pytester.runpytest("--gradequiv-broadcast=error", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(
-        ["gradcheck: rtol=by dtype, atol=1e-09, rtol_float64=1e-07, atol_float64=0, broadcast=error"]
+        [
+            "gradcheck: rtol=by dtype, atol=1e-09, rtol_float64=1e-07, atol_float64=0, broadcast=error, "
+            "chunk_size=the whole batch"
+        ]
     )
     pytester.makeini("[pytest]\n")
     result = pytester.runpytest("-p", "no:cacheprovider")

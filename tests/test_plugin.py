@@ -149,7 +149,7 @@ def test_verbose_summary_and_header(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
-            "gradcheck: rtol=by dtype, atol=0, rtol_float64=1e-07, atol_float64=0, broadcast=warn",
+            "gradcheck: rtol=by dtype, atol=0, rtol_float64=1e-07, atol_float64=0, broadcast=warn, chunk_size=the whole batch",
             "*gradequiv*",
             "2 gradient checks in 1 test: 2 passed, 0 failed, 0 passed only after the float64 re-check",
         ]

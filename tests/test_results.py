@@ -57,6 +57,7 @@ KEYS = {
     "dtype",
     "device",
     "reference",
+    "chunk_size",
     "reference_reason",
     "rtol",
     "atol",
@@ -108,6 +109,7 @@ def test_json_document_one_record_per_check(pytester: pytest.Pytester, xdist: bo
     for r in ok:
         assert r["check"] == "per-sample" and r["cause"] is None and r["location"] is None
         assert r["dtype"] == "float32" and r["device"] == "cpu" and r["reference"] == "vmap"
+        assert r["chunk_size"] is None  # the whole batch in one vmap call
         assert r["float64"] == "not-run" and r["seconds"] >= 0
         assert set(r["worst"]) == {"parameter", "max_abs_err", "rel_err", "allowed"}
         assert 0 <= r["margin"] <= 1

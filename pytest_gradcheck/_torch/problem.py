@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from ..compare import host64
 from ..errors import GradEquivError, InvalidArgument, UnsupportedModelError, first_line
-from ..verdict import FlatGrads
 from .inputs import NamedModules, batch_size_of
 from .loss import (
     GENERATORS,
@@ -26,7 +26,7 @@ from .loss import (
     writes_into_input,
 )
 from .randomness import DropoutOff, NeutralDropout, Watch
-from .state import SavedState, disable_dropout_modules
+from .state import SavedState, disable_dropout_modules, parameters_written_message
 from .vmap import vmap_friendly_attention, vmap_friendly_rnn
 
 WeightsArg = Union[None, torch.Tensor, Sequence[float], np.ndarray, Callable[[Any], Any]]
@@ -47,6 +47,7 @@ class TorchProblem:
         batch: Any,
         *,
         reference: str = "auto",
+        chunk_size: Optional[int] = None,
         watch_broadcast: bool = True,
         allow_non_tensor: bool = False,
         extra_modules: Sequence[torch.nn.Module] = (),
@@ -69,14 +70,10 @@ class TorchProblem:
         self.dtype = dtype_name(first.dtype)
         self.device = str(first.device)
         self._shapes = [tuple(p.shape) for p in self.params]
-        # _to_numpy's fast path: every parameter on CPU, in float32 (or every one in float64)
-        self._flat_np_dtype = np.float64 if first.dtype == torch.float64 else np.float32
-        self._numpy_concat = all(
-            p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.dtype == first.dtype
-            for p in self.params
-        )
         self.method = reference
         self.reference_method = "loop" if reference == "loop" else "vmap"
+        #: samples per chunk of the per-sample reference (None: the whole batch in one vmap call)
+        self.chunk_size = chunk_size if chunk_size is not None and chunk_size < self.batch_size else None
         self.fallback_reason: Optional[str] = None
         self._dropout_modules: tuple[str, ...] = ()
         self._neutralised: list[str] = []  # dropout ops neutralised, e.g. "F.dropout(p=0.1)"
@@ -108,20 +105,36 @@ class TorchProblem:
     # -- set-up and tear-down -------------------------------------------------------------
     @contextlib.contextmanager
     def prepared(self) -> Iterator[None]:
-        """Dropout off for the check; everything the check could disturb restored after."""
+        """Dropout off for the check; everything the check could disturb restored after.
+
+        The first run is watched for writes into the parameters (copied just before
+        the first write, see :class:`SavedState`); later runs are not, at no cost.
+        """
         saved = SavedState(self.model, self.extra_modules)
         self._saved = saved
         self._passes = 0
         self._touched = None
         off = self._off = DropoutOff().__enter__()  # dropout functions neutral for the whole check
+        failed = True
         try:
+            saved.set_aside_grads()
             saved.set_aside_accumulators()
             self._dropout_modules = disable_dropout_modules(self.model, self._modules)
             yield
+            failed = False
         finally:
             off.__exit__(None, None, None)
             self._saved = None
             saved.restore()
+        if saved.lost and not failed:
+            raise UnsupportedModelError(parameters_written_message(saved.lost))
+
+    def _first_run_watched(self) -> Any:
+        """The write watch (see :class:`SavedState`) around the check's first run, nothing after it:
+        what a forward writes into, it writes on every run."""
+        if self._passes == 1 and self._saved is not None:
+            return self._saved.watching_writes()
+        return contextlib.nullcontext()
 
     @property
     def dropout_disabled(self) -> tuple[str, ...]:
@@ -211,7 +224,8 @@ class TorchProblem:
         # user's inputs against the model's parameters (a later float64 run casts both).
         first = not self.__dict__.get("_has_run", False)
         try:
-            out = run()
+            with self._first_run_watched():
+                out = run()
         except Exception as exc:
             if self._copy_inputs or not writes_into_input(exc):
                 raise_clear_error(exc, self._leaves, self.params, self._modules, first)
@@ -221,7 +235,8 @@ class TorchProblem:
             return out
         self._copy_inputs = True  # the model writes into its inputs: give it copies
         try:
-            out = run()
+            with self._first_run_watched():
+                out = run()
         except Exception as exc:
             raise_clear_error(exc, self._leaves, self.params, self._modules, first)
             raise
@@ -293,12 +308,12 @@ class TorchProblem:
         return torch.func.functional_call(StepModule(self.model, step), state, (batch,))
 
     # -- GradientProblem ------------------------------------------------------------------------
-    def batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
+    def batch_gradient(self, float64: bool) -> dict[str, torch.Tensor]:
         self._begin_pass()
-        out: dict[str, np.ndarray] = self._retrying_with_copies(lambda: self._batch_gradient(float64))
+        out: dict[str, torch.Tensor] = self._retrying_with_copies(lambda: self._batch_gradient(float64))
         return out
 
-    def confirm_deterministic(self, g: Optional[Mapping[str, np.ndarray]] = None) -> bool:
+    def confirm_deterministic(self, g: Optional[Mapping[str, torch.Tensor]] = None) -> bool:
         """Before a mismatch is diagnosed (or when vmap meets a random op): is the step random?
 
         The batch gradient is computed again, twice, with the random ops recorded and the
@@ -319,6 +334,9 @@ class TorchProblem:
             # a forward that writes into its state, even its own weights through .data, is not
             # random: from now on every run starts from the state before the check
             written = self._saved.touched(parameters=True)
+            lost = self._saved.unrestorable()
+            if lost:  # not randomness: parameters changed under the check's feet
+                raise UnsupportedModelError(parameters_written_message(lost))
             stale = bool(written) and not self._touched
             if written:
                 self._touched = tuple(written)
@@ -353,7 +371,7 @@ class TorchProblem:
             "of the batch, or draw them from a generator you re-seed for each call."
         )
 
-    def _batch_gradient(self, float64: bool) -> dict[str, np.ndarray]:
+    def _batch_gradient(self, float64: bool) -> dict[str, torch.Tensor]:
         record: Optional[list[Any]] = [] if (self.watch_broadcast and not float64) else None
         step = self.build_step(record, float64)
         with self._precision(float64, internal=float64 or self.watch_broadcast):
@@ -369,14 +387,14 @@ class TorchProblem:
         self._batch_loss[float64] = loss.detach()
         if record is not None:
             self.broadcasts = tuple(record)
-        return self._to_numpy(grads, params)
+        return self._named(grads, params)
 
-    def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
+    def reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, torch.Tensor]:
         self._begin_pass()
-        out: dict[str, np.ndarray] = self._retrying_with_copies(lambda: self._reference_gradient(coeffs, float64))
+        out: dict[str, torch.Tensor] = self._retrying_with_copies(lambda: self._reference_gradient(coeffs, float64))
         return out
 
-    def _reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, np.ndarray]:
+    def _reference_gradient(self, coeffs: np.ndarray, float64: bool) -> dict[str, torch.Tensor]:
         step = self.build_step(None, float64)
         with self._precision(float64):
             state, params = self._state(float64)
@@ -414,9 +432,10 @@ class TorchProblem:
             else:
                 self._check_single_sample_runs(state, step)
                 grads = self._reference_loop(state, params, leaves, step, c)
-        return self._to_numpy(grads, params)
+        return self._named(grads, params)
 
     def per_sample_gradients(self, float64: bool) -> Optional[dict[str, np.ndarray]]:
+        """Each unit's gradient, run alone, as float64 NumPy arrays ``(B, *shape)`` (diagnosis only)."""
         step = self.build_step(None, float64)
         out: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         self._begin_pass()
@@ -426,8 +445,8 @@ class TorchProblem:
             for i in range(self.batch_size):
                 self._begin_unit()
                 grads = torch.autograd.grad(loss_of(i), params, allow_unused=True)
-                for n, g in self._to_numpy(grads, params).items():
-                    out[n].append(g)
+                for n, g in self._named(grads, params).items():
+                    out[n].append(host64(g))
         return {n: np.stack(v) for n, v in out.items()}
 
     def per_sample_tensors(self, float64: bool = False) -> dict[str, torch.Tensor]:
@@ -439,7 +458,7 @@ class TorchProblem:
         """
         step = self.build_step(None, float64)
         self._begin_pass()
-        with self._precision(float64):
+        with self._precision(float64), self._first_run_watched():
             state, params = self._state(float64)
             leaves = self._batch_leaves(float64)
             if self.reference_method == "vmap":
@@ -474,10 +493,31 @@ class TorchProblem:
 
         detached = tuple(p.detach() for p in params)
         with vmap_friendly_attention(self.params[0].device), vmap_friendly_rnn(self.has_rnn):
-            grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, *in_dims), randomness=self._vmap_randomness)(
-                detached, *shaped
-            )
+            grads = torch.func.vmap(
+                torch.func.grad(one),
+                in_dims=(None, *in_dims),
+                randomness=self._vmap_randomness,
+                chunk_size=self.chunk_size,
+            )(detached, *shaped)
         return dict(zip(self.names, grads))
+
+    def float64_shortfall(self) -> Optional[str]:
+        """Why the float64 re-check would not fit in memory, or None (then it runs).
+
+        It holds float64 copies of the parameters and of both gradients (3 x 8 bytes per
+        parameter) besides its own activations; on the CPU an allocation beyond the
+        machine's memory may be answered by the OOM killer rather than an exception, so
+        the estimate is checked first against what the device has free.
+        """
+        need = 3 * 8 * sum(p.numel() for p in self.params)
+        free = _free_bytes(self.params[0].device)
+        if free is None or need <= free:
+            return None
+        gib = 1024.0**3
+        return (
+            f"not enough memory: it needs float64 copies of the parameters and of both gradients, about "
+            f"{need / gib:.1f} GiB, and {self.device} has {free / gib:.1f} GiB free"
+        )
 
     def run_notes(self, passed: bool) -> list[str]:
         """Notes on the runs for the report (harmless random draws left alone)."""
@@ -514,11 +554,22 @@ class TorchProblem:
         def one(*sample: Any) -> torch.Tensor:  # flat positional leaves: vmap's cheapest calling form
             return as_scalar_loss(self._call(state, self._tree(sample), step), where="per-sample")
 
+        chunk = self.chunk_size or self.batch_size
+        acc: list[Optional[torch.Tensor]] = []
+        values: list[torch.Tensor] = []
         with vmap_friendly_attention(self.params[0].device), vmap_friendly_rnn(self.has_rnn):
-            losses = torch.func.vmap(one, in_dims=in_dims, randomness=self._vmap_randomness)(*shaped)
-        self._keep_losses(losses)
-        total = torch.dot(losses, c if c.dtype == losses.dtype else c.to(losses.dtype))
-        return torch.autograd.grad(total, params, allow_unused=True)
+            for start in range(0, self.batch_size, chunk):
+                stop = min(self.batch_size, start + chunk)
+                part = shaped if chunk == self.batch_size else [self._rows(x, start, stop) for x in shaped]
+                losses = torch.func.vmap(one, in_dims=in_dims, randomness=self._vmap_randomness)(*part)
+                values.append(losses.detach())
+                weights = c[start:stop]
+                total = torch.dot(losses, weights if weights.dtype == losses.dtype else weights.to(losses.dtype))
+                grads = torch.autograd.grad(total, params, allow_unused=True)
+                del losses, total  # this chunk's graph is freed before the next chunk runs
+                acc = list(grads) if not acc else _accumulate(acc, grads)
+        self._keep_losses(values[0] if len(values) == 1 else torch.cat(values))
+        return acc
 
     def _reference_loop(
         self,
@@ -532,7 +583,7 @@ class TorchProblem:
         values: list[torch.Tensor] = []
         # a model that writes into its state runs every sample from the saved state, one
         # backward each (resetting a tensor that a pending graph saved would break it)
-        chunk = 1 if self._touched else _LOOP_CHUNK
+        chunk = 1 if self._touched else (self.chunk_size or _LOOP_CHUNK)
         for start in range(0, self.batch_size, chunk):
             total: Optional[torch.Tensor] = None
             for i in range(start, min(self.batch_size, start + chunk)):
@@ -552,6 +603,10 @@ class TorchProblem:
             self._keep_losses(torch.stack(values))
         return acc
 
+    @staticmethod
+    def _rows(x: Any, start: int, stop: int) -> Any:
+        return x[start:stop] if isinstance(x, torch.Tensor) else x
+
     def _check_single_sample_runs(self, state: Optional[dict[str, Any]], step: Callable[..., Any]) -> None:
         one = self._one(self._batch_leaves(state is not None), 0)
         try:
@@ -568,34 +623,53 @@ class TorchProblem:
                 "cannot be checked per sample."
             ) from exc
 
-    def _to_numpy(self, grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.Tensor]) -> FlatGrads:
-        """The gradients as one flat NumPy buffer with per-parameter views (see FlatGrads).
+    def _named(
+        self, grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The gradients by parameter name, as autograd returned them: on the parameters' device, in
+        their dtype, no copy (a parameter the loss does not reach has a zero gradient)."""
+        out = {}
+        for n, g, p in zip(self.names, grads, params):
+            if g is None:
+                g = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif g.layout != torch.strided:  # raise_clear_error names the module and the fix
+                raise RuntimeError(f"the gradient of {n} is sparse (layout {g.layout})")
+            out[n] = g.detach()
+        return out
 
-        For the model's own CPU parameters NumPy concatenates the gradients straight
-        from their shared memory (cheaper than ``torch.cat``, see benchmarks/README.md);
-        otherwise one ``torch.cat`` and one device-to-host copy. float16/bfloat16 widen
-        to float32.
-        """
-        # params is self.params: the model's own parameters (the float64 re-check passes copies)
-        if self._numpy_concat and params is self.params:
-            try:
-                arrays = [
-                    np.zeros(p.numel(), dtype=self._flat_np_dtype) if g is None else g.detach().numpy().reshape(-1)
-                    for g, p in zip(grads, params)
-                ]
-            except (RuntimeError, TypeError):  # .numpy() refuses some layouts and dtypes: torch.cat below
-                pass
-            else:
-                return FlatGrads.from_flat(np.concatenate(arrays), self.names, self._shapes)
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        parts = []
-        for g, p in zip(grads, params):
-            if g is None:  # a parameter the loss does not reach: its gradient is zero
-                parts.append(torch.zeros(p.numel(), dtype=dtype, device=p.device))
-            else:
-                g = g.reshape(-1)
-                parts.append(g if g.dtype == dtype else g.to(dtype))
-        return FlatGrads.from_flat(torch.cat(parts).detach().cpu().numpy(), self.names, self._shapes)
+
+def _free_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new tensors on ``device`` (None where it cannot be read)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _accumulate(
+    acc: list[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]
+) -> list[Optional[torch.Tensor]]:
+    """``acc + grads`` per parameter, in place where ``acc`` holds a tensor (a chunk's gradients
+    are added and dropped; no third copy of the gradient is kept)."""
+    out = []
+    for a, g in zip(acc, grads):
+        if g is None:
+            out.append(a)
+        elif a is None:
+            out.append(g)
+        elif a.is_contiguous() and a._base is None:  # autograd's own buffer: add into it
+            out.append(a.add_(g))
+        else:  # an expanded or strided view autograd returned: not writable in place
+            out.append(a + g)
+    return out
 
 
 def check_sample_mixing(model: torch.nn.Module, modules: Optional[NamedModules] = None) -> None:

@@ -303,33 +303,126 @@ class _AttrState:
                     t.copy_(copy)
 
 
+#: in-place dunder methods of a tensor (``p += x``, ``p[i] = v``)
+_INPLACE_DUNDERS = frozenset(
+    {
+        "__setitem__",
+        "__iadd__",
+        "__isub__",
+        "__imul__",
+        "__itruediv__",
+        "__ifloordiv__",
+        "__imod__",
+        "__ipow__",
+        "__imatmul__",
+        "__iand__",
+        "__ior__",
+        "__ixor__",
+        "__ilshift__",
+        "__irshift__",
+    }
+)
+
+
+class _Slot:
+    """One parameter: its version counter at the start, and a copy once something may write into it."""
+
+    __slots__ = ("param", "version", "copy")
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.param = param
+        self.version = param._version
+        self.copy: Optional[torch.Tensor] = None
+
+    def keep(self) -> None:
+        """Copy the parameter's values now, before a write (once)."""
+        if self.copy is None:
+            with torch._C.DisableTorchFunction():
+                self.copy = self.param.detach().clone()
+
+    def written(self) -> bool:
+        """Whether the parameter's values may differ from the start (a write the version counter
+        saw, or one through ``.data``, compared by value)."""
+        if self.copy is not None:
+            return not torch.equal(self.param, self.copy)
+        return self.param._version != self.version
+
+    def restorable(self) -> bool:
+        return self.copy is not None or self.param._version == self.version
+
+
+class _WriteWatch:
+    """A torch-function mode that copies a parameter just before the first write into it.
+
+    Seen: in-place methods (``p.mul_``, ``p.copy_``, ``torch.nn.init`` functions), in-place
+    operators and item assignment, ``out=`` arguments, ``foreach`` ops on lists of
+    parameters, and ``p.data`` read or set (a write through ``.data`` bumps no version
+    counter). Only the model's parameters are copied, and only those written to.
+    """
+
+    def __init__(self, slots: dict[int, _Slot]) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        data = torch._C.TensorBase.__dict__["data"]
+        pending = [s for s in slots.values() if s.copy is None]
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+                kwargs = kwargs or {}
+                if pending:
+                    name = getattr(func, "__name__", "")
+                    if (
+                        (name.endswith("_") and not name.startswith("_"))
+                        or name in _INPLACE_DUNDERS
+                        or getattr(func, "__self__", None) is data
+                    ):
+                        _keep(args[0] if args else None)
+                    if "out" in kwargs:
+                        _keep(kwargs["out"])
+                return func(*args, **kwargs)
+
+        def _keep(target: Any) -> None:
+            for t in target if isinstance(target, (list, tuple)) else (target,):
+                slot = slots.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if slot is not None and slot.param is t and slot.copy is None:
+                    slot.keep()
+                    pending.remove(slot)
+
+        self.mode = Mode()
+
+
 class SavedState:
     """Snapshot of everything a check could disturb, restored on exit, pass or fail.
 
-    Parameters and buffers are compared by value on restore, not by version
-    counter: a write through ``.data`` (weight clipping, counters) does not bump
-    ``_version``. Between the runs of a check, :meth:`touched` and :meth:`reset`
+    Buffers are copied and compared by value on restore, not by version counter: a
+    write through ``.data`` (a counter, a running statistic) does not bump
+    ``_version``. Parameters are not copied (on a large model that copy would be the
+    largest thing the check holds): their version counters are recorded, and
+    :meth:`watching_writes` copies a parameter just before the first write into it
+    (in place, or through ``.data``) during the runs it covers. ``.grad`` is set
+    aside for the check, not copied: the user's gradient tensors are put back as they
+    were, untouched. Between the runs of a check, :meth:`touched` and :meth:`reset`
     keep every run starting from the saved state.
     """
 
     def __init__(self, model: torch.nn.Module, extra: Sequence[torch.nn.Module]) -> None:
         modules = [model, *extra]
         self.training = [(m, m.training) for root in modules for m in root.modules()]
-        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []  # buffers and their copies
+        self.slots: dict[int, _Slot] = {}  # parameters, by id
         self.names: dict[int, str] = {}
-        self.grads: list[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
-        seen: set[int] = set()
+        self.grads: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
         for root in modules:
             named = [*root.named_parameters(), *root.named_buffers()]
             for name, t in named:
-                if id(t) in seen:
+                if id(t) in self.names:
                     continue
-                seen.add(id(t))
                 self.names[id(t)] = f"model.{name}"
-                self.tensors.append((t, t.detach().clone()))  # detached: no autograd graph, no no_grad() needed
                 if isinstance(t, torch.nn.Parameter):
-                    g = t.grad
-                    self.grads.append((t, g, None if g is None else g.detach().clone()))
+                    self.slots[id(t)] = _Slot(t)
+                    self.grads.append((t, t.grad))
+                else:
+                    self.tensors.append((t, t.detach().clone()))  # detached: no autograd graph
         self.attrs = _AttrState(modules)
         self.default_dtype = torch.get_default_dtype()
         self.rng = torch.get_rng_state()
@@ -340,6 +433,20 @@ class SavedState:
         )
         self.py_rng = random.getstate()
         self.np_rng = NumpyGlobalRNG()
+        #: parameters written in a way the check could not undo (see :meth:`restore`)
+        self.lost: list[str] = []
+
+    def set_aside_grads(self) -> None:
+        """``.grad`` of every parameter set to None for the check (the user's tensors are put
+        back by :meth:`restore`, never written: the check's backward passes use
+        ``torch.autograd.grad``, and a step that calls ``backward()`` itself fills new ones)."""
+        for p, g in self.grads:
+            if g is not None:
+                p.grad = None
+
+    def watching_writes(self) -> Any:
+        """A context in which a parameter is copied just before the first write into it."""
+        return _WriteWatch(self.slots).mode
 
     def set_aside_accumulators(self) -> list[str]:
         """Empty the per-sample gradient buffers that libraries keep on parameters, for the check.
@@ -352,9 +459,8 @@ class SavedState:
         the user's buffers are put back by :meth:`restore`. Returns their paths.
         """
         aside: list[tuple[Any, str]] = []
-        for t, _ in self.tensors:
-            if not isinstance(t, torch.nn.Parameter):
-                continue
+        for slot in self.slots.values():
+            t = slot.param
             for key, value in list(vars(t).items()):
                 if _per_sample_shaped(value, t):
                     aside.append((t, key))
@@ -366,16 +472,18 @@ class SavedState:
         for t, key in getattr(self, "_aside", ()):
             vars(t)[key] = None
 
-    def touched(self, parameters: bool = False) -> list[str]:
+    def touched(self, parameters: bool = True) -> list[str]:
         """What the runs so far wrote into the model's state, by path: buffers (compared by value,
-        so a write through ``.data`` counts), attributes and hook state; with ``parameters``,
-        parameter values too (a forward that clips its own weights through ``.data``)."""
-        out = [
-            self.names[id(t)]
-            for t, saved in self.tensors
-            if (parameters or not isinstance(t, torch.nn.Parameter)) and not torch.equal(t, saved)
-        ]
+        so a write through ``.data`` counts), parameters (by version counter, or by value once
+        copied), attributes and hook state."""
+        out = [self.names[id(t)] for t, saved in self.tensors if not torch.equal(t, saved)]
+        if parameters:
+            out += [self.names[i] for i, slot in self.slots.items() if slot.written()]
         return out + self.attrs.changed()
+
+    def unrestorable(self) -> list[str]:
+        """Parameters written without a copy to put back (see :func:`parameters_written_message`)."""
+        return [self.names[i] for i, s in self.slots.items() if not s.restorable()]
 
     def reset(self) -> None:
         """Put the model's state (tensors, attributes, hook state) back as saved; modes and RNGs stay."""
@@ -385,23 +493,16 @@ class SavedState:
 
     def _restore_tensors(self) -> None:
         undo = [(t, saved) for t, saved in self.tensors if not torch.equal(t, saved)]  # NaN != NaN: copied, harmless
+        undo += [(s.param, s.copy) for s in self.slots.values() if s.copy is not None and s.written()]
         if undo:
             with torch.no_grad():  # parameters are leaves that require grad
                 for t, saved in undo:
                     t.copy_(saved)
+        self.lost.extend(n for n in self.unrestorable() if n not in self.lost)
 
     def restore(self) -> None:
         self._restore_tensors()
-        undo = [
-            (g, saved)
-            for _, g, saved in self.grads
-            if g is not None and saved is not None and not torch.equal(g, saved)
-        ]
-        if undo:
-            with torch.no_grad():
-                for g, saved in undo:
-                    g.copy_(saved)
-        for p, grad, _ in self.grads:
+        for p, grad in self.grads:
             if p.grad is not grad:
                 p.grad = grad
         self.attrs.restore()
@@ -414,6 +515,17 @@ class SavedState:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         random.setstate(self.py_rng)
         self.np_rng.restore()
+
+
+def parameters_written_message(names: Sequence[str]) -> str:
+    """Why a check cannot go on (or left parameters changed): the model wrote into them unseen."""
+    return (
+        f"the model wrote into its parameters ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) "
+        "during a run after the first one, in place, where the check could not copy them first, so "
+        "they could not be put back: they now hold what the extra runs wrote. A forward that updates "
+        "its own weights in place (under torch.no_grad()) on some calls only is not a training step "
+        "the check can compare; move the update out of forward, or make it write through .data."
+    )
 
 
 class NumpyGlobalRNG:

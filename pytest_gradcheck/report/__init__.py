@@ -166,6 +166,8 @@ class GradEquivReport:
     float64_error: Optional[str] = None  # the re-check could not run: why
     reference_method: str = "vmap"  # "vmap" | "loop" | "per-sample calls" | "micro-batches"
     fallback_reason: Optional[str] = None
+    #: samples per call (vmap) or per backward (loop) of the reference; None: the whole batch at once
+    chunk_size: Optional[int] = None
     dropout_disabled: tuple[str, ...] = ()
     broadcasts: tuple[Any, ...] = ()  # BroadcastRecord objects seen in the loss
     findings: tuple[Finding, ...] = ()

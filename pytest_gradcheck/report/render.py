@@ -21,6 +21,7 @@ def _what(report: GradEquivReport) -> str:
         "grad-sample": "the per-sample gradients run alone",
         "accumulation": "micro-batch gradients",
         "ddp": "the single-process gradient",
+        "fsdp": "the single-process gradient",
     }.get(report.check, "per-sample gradients")
     return unit
 
@@ -60,10 +61,8 @@ def headline(report: GradEquivReport) -> str:
             + (f", in {', '.join(str(b) for b in bad[:6])}" if bad else "")
             + "."
         )
-    if report.check == "ddp":
-        if report.passed:
-            return "Gradients are equivalent: the DDP gradient equals the single-process full-batch gradient."
-        return "Gradients are NOT equivalent: the DDP gradient differs from the single-process full-batch gradient."
+    if report.check in ddp.CHECKS:
+        return ddp.headline(report)
     if report.passed and report.vacuous:
         return "Gradients are equivalent, but every gradient is zero (or rounding noise): the check could see nothing."
     if report.passed:
@@ -136,11 +135,11 @@ def cause_headline(report: GradEquivReport) -> str:
     what, declared = _what(report), _declared(report)
     final = report.final
     n_fail, n = len(final.failing), len(final.params)
-    if report.check == "ddp":
+    if report.check in ddp.CHECKS:
         causes = ddp.cause_lines(report)
         if causes:  # the cause, without its fix (the detail below says what to change)
             return causes[0].split("; ")[0].rstrip(".")
-        return "the DDP gradient differs from the single-process full-batch gradient"
+        return f"the {ddp.wrapper_of(report.check).name} gradient differs from the single-process full-batch gradient"
     f = report.findings[0] if report.findings else None
     kind = f.kind if f is not None else None
     if f is None:
@@ -184,6 +183,8 @@ def _context_line(report: GradEquivReport) -> str:
         "micro-batches": "micro-batches run one by one",
         "ddp": "one process on the whole batch",
     }.get(report.reference_method, report.reference_method)
+    if report.chunk_size:
+        method += f", in chunks of {report.chunk_size} samples (chunk_size={report.chunk_size})"
     unit = "micro-batches" if report.check == "accumulation" else "batch"
     size = f"{unit} of {report.batch_size}" if unit == "batch" else f"{report.batch_size} {unit}"
     bits = [size, report.dtype, report.device, f"reference: {method}"]
@@ -298,7 +299,7 @@ def _explain_grad_sample(f: Finding, report: GradEquivReport) -> str:
 
 
 def _cause_lines(report: GradEquivReport) -> list[str]:
-    if report.check == "ddp":
+    if report.check in ddp.CHECKS:
         return ddp.cause_lines(report)
     lines: list[str] = []
     for f in report.findings:
@@ -376,7 +377,7 @@ def _cause_lines(report: GradEquivReport) -> list[str]:
 
 
 def _advice_lines(report: GradEquivReport) -> list[str]:
-    if report.check == "ddp":
+    if report.check in ddp.CHECKS:
         return ddp.advice_lines(report)
     kinds = {f.kind for f in report.findings}
     out: list[str] = []
