@@ -69,7 +69,6 @@ class TorchProblem:
         first = self.params[0]
         self.dtype = dtype_name(first.dtype)
         self.device = str(first.device)
-        self._shapes = [tuple(p.shape) for p in self.params]
         self.method = reference
         self.reference_method = "loop" if reference == "loop" else "vmap"
         #: samples per chunk of the per-sample reference (None: the whole batch in one vmap call)
@@ -333,7 +332,7 @@ class TorchProblem:
         if self._saved is not None:
             # a forward that writes into its state, even its own weights through .data, is not
             # random: from now on every run starts from the state before the check
-            written = self._saved.touched(parameters=True)
+            written = self._saved.touched()
             lost = self._saved.unrestorable()
             if lost:  # not randomness: parameters changed under the check's feet
                 raise UnsupportedModelError(parameters_written_message(lost))
@@ -555,7 +554,7 @@ class TorchProblem:
             return as_scalar_loss(self._call(state, self._tree(sample), step), where="per-sample")
 
         chunk = self.chunk_size or self.batch_size
-        acc: list[Optional[torch.Tensor]] = []
+        acc: list[Optional[torch.Tensor]] = [None] * len(params)
         values: list[torch.Tensor] = []
         with vmap_friendly_attention(self.params[0].device), vmap_friendly_rnn(self.has_rnn):
             for start in range(0, self.batch_size, chunk):
@@ -567,7 +566,7 @@ class TorchProblem:
                 total = torch.dot(losses, weights if weights.dtype == losses.dtype else weights.to(losses.dtype))
                 grads = torch.autograd.grad(total, params, allow_unused=True)
                 del losses, total  # this chunk's graph is freed before the next chunk runs
-                acc = list(grads) if not acc else _accumulate(acc, grads)
+                acc = _accumulate(acc, grads)
         self._keep_losses(values[0] if len(values) == 1 else torch.cat(values))
         return acc
 
@@ -594,11 +593,7 @@ class TorchProblem:
                 total = term if total is None else total + term
             if total is None:
                 continue
-            grads = torch.autograd.grad(total, params, allow_unused=True)
-            for k, g in enumerate(grads):
-                if g is not None:
-                    prev = acc[k]
-                    acc[k] = g if prev is None else prev + g
+            acc = _accumulate(acc, torch.autograd.grad(total, params, allow_unused=True))
         if values:
             self._keep_losses(torch.stack(values))
         return acc
@@ -657,8 +652,9 @@ def _free_bytes(device: torch.device) -> Optional[int]:
 def _accumulate(
     acc: list[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]
 ) -> list[Optional[torch.Tensor]]:
-    """``acc + grads`` per parameter, in place where ``acc`` holds a tensor (a chunk's gradients
-    are added and dropped; no third copy of the gradient is kept)."""
+    """``acc + grads`` per parameter (None: nothing yet), in place where ``acc`` holds autograd's own
+    buffer: a chunk's gradients are added and dropped, no third copy of the gradient is kept. The
+    vmap reference's chunks and the loop reference's share it."""
     out = []
     for a, g in zip(acc, grads):
         if g is None:

@@ -472,13 +472,12 @@ class SavedState:
         for t, key in getattr(self, "_aside", ()):
             vars(t)[key] = None
 
-    def touched(self, parameters: bool = True) -> list[str]:
+    def touched(self) -> list[str]:
         """What the runs so far wrote into the model's state, by path: buffers (compared by value,
         so a write through ``.data`` counts), parameters (by version counter, or by value once
         copied), attributes and hook state."""
         out = [self.names[id(t)] for t, saved in self.tensors if not torch.equal(t, saved)]
-        if parameters:
-            out += [self.names[i] for i, slot in self.slots.items() if slot.written()]
+        out += [self.names[i] for i, slot in self.slots.items() if slot.written()]
         return out + self.attrs.changed()
 
     def unrestorable(self) -> list[str]:
